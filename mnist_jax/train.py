@@ -1,0 +1,294 @@
+"""Training: the train state, pure step functions, the epoch loop, and `main()`.
+
+`python -m mnist_jax.train [flags]` trains the Keras mnist_mlp data-parallel on
+every device: one jitted program per epoch that shuffles on device and scans
+the steps, with the batch split along the mesh's `data` axis and params
+replicated. Randomness comes from the seed alone: the epoch's shuffle key is
+`fold_in(shuffle_key, epoch)` and each step's dropout key is
+`fold_in(dropout_key, step)`, drawn for the global batch, so the trained model
+does not depend on the number of devices and a resumed run repeats an
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from mnist_jax import checkpoint, data, metrics, parallel, storage
+from mnist_jax.config import DEFAULT_TRAIN_FILE, Config, parse_args
+from mnist_jax.errors import MnistJaxError
+from mnist_jax.model import MLP, count_params, init_params, make_optimizer
+
+# How many steps pass between progress-bar updates on a terminal.
+PROGRESS_EVERY = 10
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that evolves during training; a checkpoint is exactly this."""
+
+    step: jax.Array  # global step, counting every batch of every epoch
+    epoch: jax.Array  # completed epochs
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; shuffle and dropout keys are derived from it
+
+
+class Hyperparams(NamedTuple):
+    """Values that change the math but not the shapes: traced, so changing them never recompiles."""
+
+    learning_rate: jax.Array
+    dropout_one: jax.Array
+    dropout_two: jax.Array
+
+
+class Totals(NamedTuple):
+    """Sums over real (unpadded) examples; means are taken on the host."""
+
+    loss_sum: jax.Array
+    correct: jax.Array
+    count: jax.Array
+
+
+def hyperparams(config: Config) -> Hyperparams:
+    return Hyperparams(*(jnp.float32(v) for v in (config.learning_rate, config.dropout_one, config.dropout_two)))
+
+
+def create_train_state(model: MLP, seed: int, learning_rate: float) -> TrainState:
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = init_params(model, init_key)
+    return TrainState(
+        step=jnp.int32(0),
+        epoch=jnp.int32(0),
+        params=params,
+        opt_state=make_optimizer(learning_rate).init(params),
+        rng=rng,
+    )
+
+
+# --- pure step functions ---------------------------------------------------
+
+
+def _loss(params: Any, model: MLP, batch: tuple, dropout_rates: tuple, rng: jax.Array | None):
+    """Mean cross-entropy over the real examples of `batch` (weight 1), and the batch's totals."""
+    x, y, weight = batch
+    # Same normalisation as the Keras script (float32 pixels / 255), fused into the step.
+    logits = model.apply({"params": params}, x.astype(jnp.float32) / 255.0, dropout_rates, rng)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+    totals = Totals(jnp.sum(weight * losses), jnp.sum(weight * correct), jnp.sum(weight))
+    return totals.loss_sum / jnp.maximum(totals.count, 1.0), totals
+
+
+def train_step(state: TrainState, batch: tuple, hp: Hyperparams, model: MLP) -> tuple[TrainState, Totals]:
+    """One RMSprop step on a global batch (x uint8, y int32, weight float32)."""
+    dropout_key = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    (_, totals), grads = grad_fn(state.params, model, batch, (hp.dropout_one, hp.dropout_two), dropout_key)
+    updates, opt_state = make_optimizer(hp.learning_rate).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), totals
+
+
+def eval_step(params: Any, batch: tuple, model: MLP) -> Totals:
+    return _loss(params, model, batch, (0.0, 0.0), None)[1]
+
+
+def epoch_batches(rng: jax.Array, epoch: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """This epoch's shuffled example indices as (steps, batch) and their weights.
+
+    The last batch is padded with weight-0 copies of example 0, so every example
+    is seen once per epoch and every step has the same static shape.
+    """
+    steps = -(-num_examples // batch_size)
+    order = jax.random.permutation(jax.random.fold_in(jax.random.split(rng)[0], epoch), num_examples)
+    padded = jnp.zeros(steps * batch_size, order.dtype).at[:num_examples].set(order)
+    weight = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
+    return padded.reshape(steps, batch_size), weight.reshape(steps, batch_size)
+
+
+def train_epoch(
+    state: TrainState,
+    train_data: tuple[jax.Array, jax.Array],
+    hp: Hyperparams,
+    *,
+    model: MLP,
+    batch_size: int,
+    batch_sharding: jax.sharding.Sharding,
+    progress: Callable[[jax.Array], None] | None = None,
+) -> tuple[TrainState, Totals]:
+    """One epoch: shuffle on device, then scan `train_step` over all batches."""
+    x, y = train_data
+    indices, weights = epoch_batches(state.rng, state.epoch, x.shape[0], batch_size)
+
+    def body(carry, batch_plan):
+        state, totals = carry
+        index, weight = batch_plan
+        batch = jax.lax.with_sharding_constraint((x[index], y[index], weight), batch_sharding)
+        state, step_totals = train_step(state, batch, hp, model)
+        if progress is not None:
+            done = state.step - state.epoch * indices.shape[0]
+            jax.lax.cond(done % PROGRESS_EVERY == 0, lambda d: jax.debug.callback(progress, d), lambda d: None, done)
+        return (state, jax.tree.map(jnp.add, totals, step_totals)), None
+
+    zero = Totals(*(jnp.float32(0),) * 3)
+    (state, totals), _ = jax.lax.scan(body, (state, zero), (indices, weights))
+    return state.replace(epoch=state.epoch + 1), totals
+
+
+# --- data placement ----------------------------------------------------------
+
+
+def place_data(dataset: data.Dataset, mesh: Mesh) -> tuple[tuple, tuple]:
+    """Puts the training set on every device and the test set sharded over them.
+
+    The test set is padded (weight 0) to a multiple of the device count, so
+    evaluation covers all of it.
+    """
+    train = jax.device_put((dataset.x_train, dataset.y_train), parallel.replicated(mesh))
+    n, devices = len(dataset.x_test), mesh.devices.size
+    pad = -n % devices
+    x_test = np.concatenate([dataset.x_test, np.zeros((pad, dataset.x_test.shape[1]), np.uint8)])
+    y_test = np.concatenate([dataset.y_test, np.zeros(pad, np.int32)])
+    weight = (np.arange(n + pad) < n).astype(np.float32)
+    test = jax.device_put((x_test, y_test, weight), parallel.batch_sharded(mesh))
+    return train, test
+
+
+def resolve_train_file(config: Config) -> str:
+    """The dataset path; the embedded default is downloaded on first use."""
+    if config.train_file is not None:
+        return config.train_file
+    if not os.path.exists(DEFAULT_TRAIN_FILE):
+        data.download(DEFAULT_TRAIN_FILE)
+    return DEFAULT_TRAIN_FILE
+
+
+# --- the loop --------------------------------------------------------------
+
+
+def _epoch_record(epoch: int, train: Totals, test: Totals, seconds: float) -> dict[str, Any]:
+    """The epoch's means from host copies of its totals."""
+    return {
+        "epoch": epoch,
+        "loss": float(train.loss_sum / train.count),
+        "accuracy": float(train.correct / train.count),
+        "val_loss": float(test.loss_sum / test.count),
+        "val_accuracy": float(test.correct / test.count),
+        "epoch_time_s": round(seconds, 4),
+    }
+
+
+class Preempted(MnistJaxError):
+    """SIGTERM arrived; the state was saved and the job should be rerun to continue."""
+
+
+def train_and_evaluate(config: Config) -> TrainState:
+    """Trains per `config`, checkpointing to its job dir; returns the final state."""
+    is_main = jax.process_index() == 0
+    say = print if is_main else (lambda *a, **k: None)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+
+    train_file = resolve_train_file(config)
+    dataset = data.load(train_file)
+    say(f"{len(dataset.x_train)} train samples\n{len(dataset.x_test)} test samples")
+    train_data, test_data = place_data(dataset, mesh)
+    steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
+
+    model = MLP(hidden_units=config.hidden_units)
+    replicated = parallel.replicated(mesh)
+    fresh = functools.partial(create_train_state, model, config.seed, config.learning_rate)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.job_dir), keep=config.keep_checkpoints)
+    shaping = {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = jax.jit(fresh, out_shardings=replicated)()
+    else:
+        state, _ = ckpt.restore(latest, jax.eval_shape(fresh), replicated, shaping)
+    start_epoch = int(state.epoch)
+
+    log = metrics.MetricsLog(config.job_dir)
+    if is_main:
+        config_record = {**config.to_dict(), "train_file": train_file,
+                         "runtime": {"devices": jax.device_count(), "processes": jax.process_count(),
+                                     "platform": jax.devices()[0].platform, "jax": jax.__version__}}
+        storage.write_bytes_atomic(storage.join(config.job_dir, "config.json"),
+                                   json.dumps(config_record, indent=2).encode())
+        log.resume(start_epoch)
+        say(metrics.model_summary(state.params, (config.dropout_one, config.dropout_two)))
+        say(f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"{jax.process_count()} process(es); {count_params(state.params):,} parameters")
+    if latest is not None:
+        say(f"Resuming from epoch {start_epoch} (step {int(state.step)})")
+
+    bar = metrics.ProgressBar(steps_per_epoch) if is_main and sys.stdout.isatty() else None
+    run_epoch = jax.jit(
+        functools.partial(train_epoch, model=model, batch_size=config.batch_size,
+                          batch_sharding=parallel.batch_sharded(mesh),
+                          progress=None if bar is None else (lambda done: bar.update(int(done)))),
+        donate_argnums=0, out_shardings=replicated)
+    evaluate = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
+    hp = jax.device_put(hyperparams(config), replicated)
+    meta = {"shaping": shaping, "config": config.to_dict()}
+
+    test_totals = None
+    with checkpoint.PreemptionGuard() as preemption:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            state, train_totals = run_epoch(state, train_data, hp)
+            test_totals = evaluate(state.params, test_data)
+            # The one host sync of the epoch; Keras's epoch time likewise includes evaluation.
+            train_host, test_host = jax.device_get((train_totals, test_totals))
+            record = _epoch_record(epoch, train_host, test_host, time.perf_counter() - started)
+            if bar is not None:
+                bar.clear()
+            if not np.isfinite(record["loss"]):
+                raise MnistJaxError(f"loss became non-finite in epoch {epoch}; try a lower --learning-rate")
+            if is_main:
+                log.append(record)
+                say(metrics.epoch_line(record, config.epochs), flush=True)
+            if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
+                ckpt.save(state, {**meta, "epoch": epoch})
+            if preemption.requested:
+                ckpt.wait()
+                ckpt.close()
+                raise Preempted(f"SIGTERM: saved epoch {epoch} (step {int(state.step)}) to {ckpt.directory}; "
+                                "rerun the same command to continue")
+    ckpt.wait()
+    ckpt.close()
+
+    if test_totals is None:  # nothing left to train: report the restored model
+        test_totals = evaluate(state.params, test_data)
+    test = jax.device_get(test_totals)
+    say(f"Test loss: {float(test.loss_sum / test.count):.4f}")
+    say(f"Test accuracy: {float(test.correct / test.count):.4f}")
+    return state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        train_and_evaluate(parse_args(argv))
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
+    except MnistJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
