@@ -106,17 +106,8 @@ def load(uri: str) -> Dataset:
 
 
 def _parse(stream: IO[bytes], uri: str) -> Any:
-    buffered = io.BufferedReader(stream) if not isinstance(stream, io.BufferedReader) else stream
-    magic = buffered.peek(4)[:4]
-    if not magic:
-        raise DataError(f"{uri} is empty")
-    if magic.startswith(_GZIP_MAGIC):
-        return _parse(gzip.GzipFile(fileobj=buffered), uri)
     try:
-        if magic.startswith(_ZIP_MAGIC):
-            with np.load(io.BytesIO(buffered.read()), allow_pickle=False) as npz:
-                return _from_npz(npz, uri)
-        return safe_unpickle(buffered)
+        return _parse_unchecked(stream, uri)
     except DataError:
         raise
     except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile) as e:
@@ -125,6 +116,20 @@ def _parse(stream: IO[bytes], uri: str) -> Any:
         if "truncated" in str(e):
             raise DataError(f"{uri} is truncated or corrupt: {e}") from None
         raise DataError(f"{uri} is not a valid MNIST pickle or npz file: {e}") from None
+
+
+def _parse_unchecked(stream: IO[bytes], uri: str) -> Any:
+    """Dispatches on magic bytes: gzip (recursing into it), zip (npz), else pickle."""
+    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[arg-type]
+    magic = buffered.peek(4)[:4]
+    if not magic:
+        raise DataError(f"{uri} is empty")
+    if magic.startswith(_GZIP_MAGIC):
+        return _parse_unchecked(gzip.GzipFile(fileobj=buffered), uri)  # type: ignore[arg-type]
+    if magic.startswith(_ZIP_MAGIC):
+        with np.load(io.BytesIO(buffered.read()), allow_pickle=False) as npz:
+            return _from_npz(npz, uri)
+    return safe_unpickle(buffered)
 
 
 def _from_npz(npz: Any, uri: str) -> Any:

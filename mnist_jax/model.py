@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend.random import threefry2x32_p
 
 NUM_CLASSES = 10
 # Keras RMSprop defaults (optax's own eps default is 1e-8; Keras uses 1e-7 inside the sqrt).
@@ -27,17 +28,31 @@ RMSPROP_RHO = 0.9
 RMSPROP_EPSILON = 1e-7
 
 
-def dropout(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout as Keras does it: zero with probability `rate`, scale the rest by 1/(1-rate).
+def keep_mask(rng: jax.Array, shape: tuple[int, int], rate: jax.Array | float) -> jax.Array:
+    """A (batch, features) boolean mask, True with probability 1 - rate.
 
-    The mask is drawn for the whole global batch from one key, so with
-    partitionable threefry it is the same whatever the number of devices.
+    Each element gets 32 random bits from threefry-2x32 keyed by `rng` and
+    counted by its position in the global batch, so the mask is the same
+    however the batch is split over devices. One threefry call yields two
+    words, and both are used (columns j and j + features/2 of a row), which
+    halves the hashing that `jax.random.bernoulli` does for the same mask;
+    the hashing is a fifth of a CPU step. Both halves stay in the same row, so
+    the work splits along the batch with no communication.
     """
+    rows, cols = shape
+    half = (cols + 1) // 2
+    first = jnp.arange(rows, dtype=jnp.uint32)[:, None] * cols + jnp.arange(half, dtype=jnp.uint32)
+    low, high = threefry2x32_p.bind(rng[0], rng[1], first, first + half)
+    bits = jnp.concatenate([low, high], axis=1)[:, :cols]
+    # P(bits >= rate * 2^32) = 1 - rate, to within 2^-24 (rate is float32).
+    return bits >= (jnp.asarray(rate, jnp.float32) * 4294967296.0).astype(jnp.uint32)
+
+
+def dropout(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout as Keras does it: zero with probability `rate`, scale the rest by 1/(1-rate)."""
     if rng is None:
         return x
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, x.shape)
-    return jnp.where(mask, x / keep, 0.0)
+    return jnp.where(keep_mask(rng, x.shape, rate), x / (1.0 - rate), 0.0)
 
 
 class MLP(nn.Module):

@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mnist_jax.errors import StorageError
+
+T = TypeVar("T")
 
 # Large blocks with read-ahead: one round trip per 8 MiB when streaming a
 # dataset from an object store, which also keeps gzip decoding fed.
@@ -90,11 +92,14 @@ def upload_file_atomic(local_path: str, uri: str) -> None:
         write_bytes_atomic(uri, f.read())
 
 
-def _guard(uri, action):
-    """Runs a filesystem action, turning failures that outlived retries into StorageError."""
+def _guard(uri: str, action: Callable[[], T]) -> T:
+    """Runs a filesystem action, turning failures that outlived retries into StorageError.
+
+    A missing path or a directory stays as it is, for the caller to name.
+    """
     try:
         return action()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise
     except OSError as e:
         raise StorageError(f"storage error on {uri}: {e}") from e

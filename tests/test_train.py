@@ -1,0 +1,154 @@
+"""The train step, padding, device-count invariance and the trainer CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, run_trainer
+
+from mnist_jax import checkpoint, parallel
+from mnist_jax.model import MLP
+from mnist_jax.train import Hyperparams, create_train_state, epoch_batches, eval_step, train_step
+
+
+def load_final_state(job_dir, hidden_units=512):
+    """The newest checkpoint's TrainState, restored onto this process's devices."""
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(job_dir)), keep=3)
+    abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), 0, 0.001))
+    state, _ = ckpt.restore(ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()),
+                            {"hidden_units": hidden_units})
+    ckpt.close()
+    return state
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.integers(0, 256, (n, 784), dtype=np.uint8)),
+            jnp.asarray(rng.integers(0, 10, n).astype(np.int32)))
+
+
+def test_padded_batch_equals_the_real_examples_alone():
+    model = MLP()
+    state = create_train_state(model, 0, 0.001)
+    x, y = _batch(96)
+    # Padding rows hold garbage on purpose: weight 0 must make them irrelevant.
+    x_pad = jnp.concatenate([x, jnp.full((32, 784), 255, jnp.uint8)])
+    y_pad = jnp.concatenate([y, jnp.full(32, 7, jnp.int32)])
+    w_pad = jnp.concatenate([jnp.ones(96), jnp.zeros(32)])
+    hp = Hyperparams(jnp.float32(0.001), jnp.float32(0.0), jnp.float32(0.0))
+
+    real = eval_step(state.params, (x, y, jnp.ones(96)), model)
+    padded = eval_step(state.params, (x_pad, y_pad, w_pad), model)
+    assert float(padded.count) == 96
+    np.testing.assert_allclose(padded.loss_sum / padded.count, real.loss_sum / real.count, rtol=1e-6)
+
+    after_real, _ = train_step(state, (x, y, jnp.ones(96)), hp, model)
+    after_pad, _ = train_step(state, (x_pad, y_pad, w_pad), hp, model)
+    for a, b in zip(jax.tree.leaves(after_real.params), jax.tree.leaves(after_pad.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_epoch_visits_every_example_once():
+    indices, weights = epoch_batches(jax.random.PRNGKey(0), jnp.int32(0), 100, 32)
+    assert indices.shape == weights.shape == (4, 32)
+    real = np.asarray(indices)[np.asarray(weights) == 1]
+    assert sorted(real.tolist()) == list(range(100))
+    again, _ = epoch_batches(jax.random.PRNGKey(0), jnp.int32(1), 100, 32)
+    assert not np.array_equal(indices, again)  # reshuffled each epoch
+
+
+def test_train_step_is_pure_and_uses_dropout():
+    model = MLP()
+    state = create_train_state(model, 0, 0.001)
+    batch = (*_batch(64), jnp.ones(64))
+    hp = Hyperparams(jnp.float32(0.001), jnp.float32(0.5), jnp.float32(0.5))
+    one, _ = train_step(state, batch, hp, model)
+    two, _ = train_step(state, batch, hp, model)
+    np.testing.assert_array_equal(one.params["dense"]["kernel"], two.params["dense"]["kernel"])
+    no_dropout, _ = train_step(state, batch, hp._replace(dropout_one=jnp.float32(0)), model)
+    assert not np.allclose(one.params["dense"]["kernel"], no_dropout.params["dense"]["kernel"])
+
+
+def test_same_params_on_one_and_four_devices(tiny_pickle, tmp_path):
+    # 100 examples, batch 32: four steps, the last one padded, dropout on.
+    args = ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--dropout-one", "0.3"]
+    run_trainer([*args, "--job-dir", str(tmp_path / "one")], devices=1)
+    four = run_trainer([*args, "--job-dir", str(tmp_path / "four")], devices=4)
+    assert "Training on 4 cpu device(s)" in four.stdout
+    one_state, four_state = load_final_state(tmp_path / "one"), load_final_state(tmp_path / "four")
+    assert int(one_state.step) == int(four_state.step) == 4
+    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one_state.params),
+                                                               jax.tree.leaves(four_state.params))]
+    assert max(diffs) < 1e-5, diffs
+
+
+def test_batch_must_divide_over_devices(tiny_pickle, tmp_path):
+    result = run_trainer(["--train-file", str(tiny_pickle), "--batch-size", "30", "--job-dir", str(tmp_path)],
+                         devices=4, check=False)
+    assert result.returncode == 2
+    assert "--batch-size 30 does not divide evenly over 4 devices" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_end_to_end(tiny_pickle, tmp_path):
+    job_dir = tmp_path / "job"
+    result = run_trainer(["--train-file", str(tiny_pickle), "--epochs", "2", "--batch-size", "16",
+                          "--job-dir", str(job_dir), "--seed", "3"])
+    out = result.stdout
+    assert "Total params: 669,706" in out and "dropout_1 (Dropout, rate 0.2)" in out
+    assert "100 train samples" in out and "40 test samples" in out
+    lines = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    assert len(lines) == 2 and lines[1].startswith("Epoch 2/2 - ")
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert f" - {key}: " in lines[0]
+    records = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert set(record) >= {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s"}
+        assert 0 <= record["accuracy"] <= 1 and 0 <= record["val_accuracy"] <= 1 and record["epoch_time_s"] > 0
+        assert np.isfinite(record["loss"]) and np.isfinite(record["val_loss"])
+    assert f"Test accuracy: {records[-1]['val_accuracy']:.4f}" in out
+    config = json.loads((job_dir / "config.json").read_text())
+    assert config["seed"] == 3 and config["batch_size"] == 16 and config["train_file"] == str(tiny_pickle)
+    assert config["runtime"]["devices"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dropout-one", "1.5"], "error: argument --dropout-one/--dropout_one: must be in [0, 1), got 1.5"),
+    (["--train-file", "/nonexistent/mnist.pkl"], "error: train file not found: /nonexistent/mnist.pkl"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    result = run_trainer([*args, "--job-dir", str(tmp_path)], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+
+
+def test_progress_bar_on_a_terminal(tiny_pickle, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "mnist_jax.train", "--train-file", str(tiny_pickle),
+                                "--epochs", "1", "--batch-size", "4", "--job-dir", str(tmp_path)],
+                               cwd=REPO, env=env, stdout=follower, stderr=subprocess.PIPE)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    text = output.decode()
+    assert "\r10/25 [" in text and "\r20/25 [" in text  # drawn every 10 of the 25 steps
+    assert "Epoch 1/1 - " in text
