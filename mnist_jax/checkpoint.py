@@ -19,6 +19,7 @@ import types
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
@@ -38,13 +39,16 @@ def checkpoint_dir(job_dir: str) -> str:
 class Checkpointer:
     """An Orbax CheckpointManager with the trainer's save/restore vocabulary."""
 
-    def __init__(self, directory: str, *, keep: int) -> None:
+    def __init__(self, directory: str, *, keep: int | None = None, create: bool = True) -> None:
         self.directory = directory
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self._manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def save(self, state: Any, meta: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` under its global step."""
@@ -74,6 +78,11 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.directory} (step {step}) cannot be restored: {e}") from e
         return restored.state, meta
 
+    def restore_params(self, step: int) -> Any:
+        """The params saved at `step` as host arrays, without knowing the model's shapes."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return jax.tree.map(np.asarray, restored.state["params"])
+
     def restore_meta(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
@@ -99,3 +108,21 @@ class PreemptionGuard:
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def load_params(directory: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    """Params, saved config and step of the checkpoint at `step` (default: the newest) in `directory`."""
+    local = storage.is_local(directory)
+    if local and not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint directory at {directory}")
+    ckpt = Checkpointer(os.path.abspath(directory) if local else directory, create=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoints in {directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {steps})")
+        return ckpt.restore_params(step), ckpt.restore_meta(step)["config"], step
+    finally:
+        ckpt.close()

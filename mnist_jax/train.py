@@ -27,7 +27,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from mnist_jax import checkpoint, data, metrics, parallel, storage
+from mnist_jax import checkpoint, data, export, metrics, parallel, storage
 from mnist_jax.config import DEFAULT_TRAIN_FILE, Config, parse_args
 from mnist_jax.errors import MnistJaxError
 from mnist_jax.model import MLP, count_params, init_params, make_optimizer
@@ -215,8 +215,19 @@ def restore_or_create(config: Config, model: MLP, mesh: Mesh, ckpt: checkpoint.C
     return state, True
 
 
+def compile_steps(model: MLP, config: Config, mesh: Mesh, progress: Callable | None) -> tuple[Callable, Callable]:
+    """The jitted epoch (state donated: updated in place) and evaluation functions."""
+    replicated = parallel.replicated(mesh)
+    run_epoch = jax.jit(
+        functools.partial(train_epoch, model=model, batch_size=config.batch_size,
+                          batch_sharding=parallel.batch_sharded(mesh), progress=progress),
+        donate_argnums=0, out_shardings=replicated)
+    evaluate = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
+    return run_epoch, evaluate
+
+
 def train_and_evaluate(config: Config) -> TrainState:
-    """Trains per `config`, checkpointing to its job dir; returns the final state."""
+    """Trains per `config`, checkpointing to and reporting in its job dir; returns the final state."""
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
     mesh = parallel.make_mesh()
@@ -233,31 +244,25 @@ def train_and_evaluate(config: Config) -> TrainState:
     model = MLP(hidden_units=config.hidden_units)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.job_dir), keep=config.keep_checkpoints)
     state, resumed = restore_or_create(config, model, mesh, ckpt)
-    start_epoch = int(state.epoch)
-    log = metrics.MetricsLog(config.job_dir)
-    if is_main:
-        log.resume(start_epoch)
-    say(metrics.model_summary(state.params, (config.dropout_one, config.dropout_two)))
+    rates = (config.dropout_one, config.dropout_two)
+    say(metrics.model_summary(state.params, rates))
     say(f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es); {count_params(state.params):,} parameters")
     if resumed:
-        say(f"Resuming from epoch {start_epoch} (step {int(state.step)})")
+        say(f"Resuming from epoch {int(state.epoch)} (step {int(state.step)})")
 
-    replicated = parallel.replicated(mesh)
+    reporter = metrics.Reporter(config.job_dir, config.to_dict(), config.learning_rate) if is_main else None
     bar = metrics.ProgressBar(steps_per_epoch) if is_main and sys.stdout.isatty() else None
-    run_epoch = jax.jit(
-        functools.partial(train_epoch, model=model, batch_size=config.batch_size,
-                          batch_sharding=parallel.batch_sharded(mesh),
-                          progress=None if bar is None else (lambda done: bar.update(int(done)))),
-        donate_argnums=0, out_shardings=replicated)
-    evaluate = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
-    hp = jax.device_put(hyperparams(config), replicated)
+    run_epoch, evaluate = compile_steps(model, config, mesh, None if bar is None else lambda d: bar.update(int(d)))
+    hp = jax.device_put(hyperparams(config), parallel.replicated(mesh))
     meta = {"shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}, "config": config.to_dict()}
 
     test_totals = evaluate(state.params, test_data)  # replaced each epoch; reported if none is left to train
     try:
+        if reporter is not None:
+            reporter.resume(int(state.epoch))
         with checkpoint.PreemptionGuard() as preemption:
-            for epoch in range(start_epoch + 1, config.epochs + 1):
+            for epoch in range(int(state.epoch) + 1, config.epochs + 1):
                 started = time.perf_counter()
                 state, train_totals = run_epoch(state, train_data, hp)
                 test_totals = evaluate(state.params, test_data)
@@ -268,9 +273,9 @@ def train_and_evaluate(config: Config) -> TrainState:
                     bar.clear()
                 if not np.isfinite(record["loss"]):
                     raise MnistJaxError(f"loss became non-finite in epoch {epoch}; try a lower --learning-rate")
-                if is_main:
-                    log.append(record)
-                    say(metrics.epoch_line(record, config.epochs), flush=True)
+                say(metrics.epoch_line(record, config.epochs), flush=True)
+                if reporter is not None:
+                    reporter.write(record)
                 if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
                     ckpt.save(state, {**meta, "epoch": epoch})
                 if preemption.requested:
@@ -278,10 +283,16 @@ def train_and_evaluate(config: Config) -> TrainState:
                                     "rerun the same command to continue")
     finally:
         ckpt.close()  # every started save is committed before we return or raise
+        if reporter is not None:
+            reporter.close()
 
     test = jax.device_get(test_totals)
     say(f"Test loss: {float(test.loss_sum / test.count):.4f}")
     say(f"Test accuracy: {float(test.correct / test.count):.4f}")
+    if is_main:
+        model_path = storage.join(config.job_dir, "model.h5")
+        export.write_model(model_path, jax.device_get(state.params), rates, config.learning_rate)
+        say(f"Saved {model_path}")
     return state
 
 

@@ -4,7 +4,8 @@
 
 Runs each trainer as its own process on the same machine, one after the other,
 and prints each one's median steady-state epoch time (epochs 2..N; epoch 1
-includes compilation), their ratio, and each one's final test accuracy. Needs
+includes compilation), their ratio, and each one's final test accuracy; then
+the cost of checkpointing every epoch, against a run that saves only at the end. Needs
 the `bench` extra (keras). Timings on a shared machine are noisy: compare the
 ratio from one run, not numbers across runs.
 """
@@ -70,10 +71,10 @@ def run_keras(train_file: str, epochs: int, workdir: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_ours(train_file: str, epochs: int, workdir: Path) -> dict:
-    job_dir = workdir / "job"
+def run_ours(train_file: str, epochs: int, workdir: Path, *extra: str) -> dict:
+    job_dir = workdir / f"job{len(list(workdir.glob('job*')))}"
     subprocess.run([sys.executable, "-m", "mnist_jax.train", "--train-file", train_file, "--epochs", str(epochs),
-                    "--job-dir", str(job_dir)], check=True, stdout=subprocess.DEVNULL)
+                    "--job-dir", str(job_dir), *extra], check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
     return {"epoch_times": [r["epoch_time_s"] for r in records], "test_accuracy": records[-1]["val_accuracy"]}
 
@@ -87,7 +88,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "mnist_jax.data", "download", "--out", args.train_file], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         results = {"keras 3 (jax backend)": run_keras(args.train_file, args.epochs, Path(tmp)),
-                   "mnist-jax": run_ours(args.train_file, args.epochs, Path(tmp))}
+                   "mnist-jax": run_ours(args.train_file, args.epochs, Path(tmp)),
+                   # Checkpointing's cost: the same job saving only after its last epoch.
+                   "mnist-jax, no ckpt": run_ours(args.train_file, args.epochs, Path(tmp),
+                                                  "--checkpoint-every", str(args.epochs))}
     print(f"\n{args.epochs} epochs, {os.cpu_count()} CPU cores")
     print(f"{'trainer':<24}{'median epoch (s)':>18}{'first epoch (s)':>17}{'test accuracy':>15}")
     medians = {}
@@ -95,8 +99,9 @@ def main() -> None:
         times = result["epoch_times"]
         medians[name] = statistics.median(times[1:] or times)
         print(f"{name:<24}{medians[name]:>18.3f}{times[0]:>17.3f}{result['test_accuracy']:>15.4f}")
-    keras_median, ours_median = medians.values()
+    keras_median, ours_median, unsaved_median = medians.values()
     print(f"ratio mnist-jax / keras: {ours_median / keras_median:.3f}")
+    print(f"checkpoint every epoch costs {100 * (ours_median / unsaved_median - 1):+.1f}% of epoch time")
 
 
 if __name__ == "__main__":

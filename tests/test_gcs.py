@@ -14,7 +14,7 @@ from conftest import (EPOCHS, STEPS_PER_EPOCH, assert_states_equal, job_args, lo
                       run_trainer, start_trainer, wait_for)
 from gcs import FaultyProxy
 
-from mnist_jax import data
+from mnist_jax import data, export
 
 
 def _upload(path: str, payload: bytes) -> None:
@@ -49,10 +49,15 @@ def test_train_on_gcs_then_resume_with_more_epochs(gcs_env):
     args = ["--train-file", "gs://bucket/e2e/mnist.pkl.gz", "--job-dir", "gs://bucket/e2e/job", "--batch-size", "32"]
     run_trainer([*args, "--epochs", "2"], env=gcs_env)
     objects = _objects("bucket/e2e/job")
-    assert {"bucket/e2e/job/config.json", "bucket/e2e/job/metrics.jsonl"} <= set(objects)
+    assert {"bucket/e2e/job/config.json", "bucket/e2e/job/metrics.jsonl", "bucket/e2e/job/model.h5",
+            "bucket/e2e/job/curves.png"} <= set(objects)
+    assert any(o.startswith("bucket/e2e/job/logs/") and "events.out.tfevents" in o for o in objects)
     assert any(o.startswith("bucket/e2e/job/checkpoints/8/") and o.endswith("commit_success.txt") for o in objects)
     fs = fsspec.filesystem("gs")
     assert json.loads(fs.cat_file("bucket/e2e/job/config.json"))["train_file"] == "gs://bucket/e2e/mnist.pkl.gz"
+
+    params, rates = export.read_model("gs://bucket/e2e/job/model.h5")
+    assert rates == (0.2, 0.2) and params["dense"]["kernel"].shape == (784, 512)
 
     result = run_trainer([*args, "--epochs", "3"], env=gcs_env)
     assert "Resuming from epoch 2 (step 8)" in result.stdout

@@ -1,0 +1,153 @@
+"""Predictions: load a model (a Keras `.h5` or a checkpoint directory), read images, predict.
+
+`python -m mnist_jax.predict --model PATH [--input FILE] [--output FILE]`
+
+Inputs: a `.npy` of images, uint8 `(N, 28, 28)` / `(N, 784)` (scaled by 1/255
+as in training) or float already in [0, 1]; a 28x28 grayscale PNG; or Vertex
+AI's online-prediction JSON `{"instances": [...]}` from a file or stdin, each
+instance 784 or 28x28 numbers, all integers 0..255 (pixels) or else floats in
+[0, 1]. Output: `{"predictions": [{"label": 7, "probabilities": [...]}, ...]}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mnist_jax import export, storage
+from mnist_jax.data import IMAGE_PIXELS
+from mnist_jax.errors import DataError, MnistJaxError
+from mnist_jax.model import MLP
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_model(path: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A jitted function from float images (N, 784) in [0, 1] to class probabilities (N, 10)."""
+    if path.endswith((".h5", ".hdf5")):
+        params, _ = export.read_model(path)
+    else:
+        from mnist_jax import checkpoint  # Orbax is needed only for checkpoint directories
+
+        params, _, _ = checkpoint.load_params(path)
+    model = MLP(hidden_units=params["dense"]["kernel"].shape[1])
+    forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)))
+    params = jax.device_put(params)
+    return lambda images: np.asarray(forward(params, images))
+
+
+def normalize(images: np.ndarray, source: str) -> np.ndarray:
+    """uint8 pixels -> /255; floats must already be in [0, 1]. Returns float32 (N, 784)."""
+    if images.shape in ((IMAGE_PIXELS,), (28, 28)):
+        images = images[None]  # one image
+    if images.ndim == 3 and images.shape[1:] == (28, 28):
+        images = images.reshape(len(images), IMAGE_PIXELS)
+    if images.ndim != 2 or images.shape[1] != IMAGE_PIXELS:
+        raise DataError(f"{source}: images must have shape (N, 28, 28) or (N, 784), got {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{source}: no images")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
+            raise DataError(f"{source}: float images must be in [0, 1], found {images.min():g}..{images.max():g}")
+        return images.astype(np.float32)
+    raise DataError(f"{source}: images must be uint8 pixels or floats in [0, 1], got dtype {images.dtype}")
+
+
+def images_from_instances(body: Any, source: str = "request") -> np.ndarray:
+    """Vertex AI's `{"instances": [...]}` as float images; integer instances are 0..255 pixels."""
+    if not isinstance(body, dict) or "instances" not in body:
+        raise DataError(f'{source}: expected a JSON object with an "instances" list')
+    instances = body["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise DataError(f'{source}: "instances" must be a non-empty list')
+    images = []
+    for i, instance in enumerate(instances):
+        try:
+            array = np.asarray(instance)
+        except ValueError:
+            raise DataError(f"{source}: instance {i} is not a rectangular array of numbers") from None
+        if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise DataError(f"{source}: instance {i} must hold numbers, got {array.dtype}")
+        if array.shape not in ((IMAGE_PIXELS,), (28, 28)):
+            raise DataError(f"{source}: instance {i} must be 784 or 28x28 numbers, got shape {array.shape}")
+        if np.issubdtype(array.dtype, np.integer):
+            if array.min() < 0 or array.max() > 255:
+                raise DataError(f"{source}: instance {i} has integer pixels outside 0..255")
+            array = array.astype(np.uint8)
+        images.append(normalize(array, f"{source}: instance {i}")[0])
+    return np.stack(images)
+
+
+def read_images(path: str | None) -> np.ndarray:
+    """Images from a .npy, a PNG, or instances JSON (a file, or stdin when `path` is None or '-')."""
+    if path in (None, "-"):
+        source, payload = "stdin", sys.stdin.buffer.read()
+    else:
+        source = path
+        try:
+            payload = storage.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise DataError(f"cannot read input {path}") from None
+    if payload.startswith(_NPY_MAGIC):
+        try:
+            return normalize(np.load(io.BytesIO(payload), allow_pickle=False), source)
+        except ValueError as e:
+            raise DataError(f"{source}: unreadable .npy: {e}") from None
+    if payload.startswith(_PNG_MAGIC):
+        return _png_image(payload, source)
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{source}: not a .npy, PNG or JSON file") from None
+    return images_from_instances(body, source)
+
+
+def _png_image(payload: bytes, source: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(payload))
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{source}: unreadable PNG: {e}") from None
+    if image.size != (28, 28):
+        raise DataError(f"{source}: PNG must be 28x28, got {image.size[0]}x{image.size[1]}")
+    return normalize(np.asarray(image.convert("L"), np.uint8), source)
+
+
+def predictions(probabilities: np.ndarray) -> dict[str, list[dict[str, Any]]]:
+    return {"predictions": [{"label": int(np.argmax(p)), "probabilities": [float(v) for v in p]}
+                            for p in probabilities]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mnist_jax.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a model.h5 or a checkpoints directory (local or gs://)")
+    parser.add_argument("--input", default=None, help=".npy, .png or instances JSON (default: JSON on stdin)")
+    parser.add_argument("--output", default=None, help="where to write the JSON (default: stdout)")
+    args = parser.parse_args(argv)
+    try:
+        images = read_images(args.input)
+        result = json.dumps(predictions(load_model(args.model)(images)))
+        if args.output:
+            storage.write_bytes_atomic(args.output, (result + "\n").encode())
+        else:
+            print(result)
+    except MnistJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
