@@ -1,6 +1,6 @@
 """Checkpoints and preemption: save, find and restore training state with Orbax.
 
-Owns `<job-dir>/checkpoints` (local or gs://). Each checkpoint is keyed by the
+Owns the checkpoint directory (`<job-dir>/checkpoints` unless set; local or gs://). Each checkpoint is keyed by the
 global step and holds the whole `TrainState` (params, optimizer state, step,
 epoch, base RNG key: everything the loop needs to continue bit-exactly) next to
 a small JSON record of what shaped it. Saves are asynchronous; Orbax commits a
@@ -30,10 +30,9 @@ from mnist_jax.errors import CheckpointError
 SHAPING_KEYS = ("hidden_units",)
 
 
-def checkpoint_dir(job_dir: str) -> str:
-    path = storage.join(job_dir, "checkpoints")
-    # Orbax wants absolute local paths; URIs pass through.
-    return os.path.abspath(path) if storage.is_local(path) else path
+def manager_path(directory: str) -> str:
+    """`directory` as Orbax wants it: absolute when local, unchanged when a URI."""
+    return os.path.abspath(directory) if storage.is_local(directory) else directory
 
 
 class Checkpointer:
@@ -112,10 +111,9 @@ class PreemptionGuard:
 
 def load_params(directory: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
     """Params, saved config and step of the checkpoint at `step` (default: the newest) in `directory`."""
-    local = storage.is_local(directory)
-    if local and not os.path.isdir(directory):
+    if storage.is_local(directory) and not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint directory at {directory}")
-    ckpt = Checkpointer(os.path.abspath(directory) if local else directory, create=False)
+    ckpt = Checkpointer(manager_path(directory), create=False)
     try:
         steps = ckpt.all_steps()
         if not steps:

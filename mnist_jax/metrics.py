@@ -1,5 +1,5 @@
 """Where metrics go: the console (Keras-style lines and progress bar), `metrics.jsonl`,
-TensorBoard events and `curves.png`, all fed at once by `Reporter.write`.
+TensorBoard events, `curves.png` and the tuning metric, all fed at once by `Reporter.write`.
 
 Only process 0 reports (the trainer builds a `Reporter` there alone).
 `metrics.jsonl` holds one JSON object per epoch; it is kept in memory and
@@ -25,8 +25,11 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from mnist_jax import storage
+from mnist_jax.config import Config
 
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# The settings shown as hyperparameters in TensorBoard.
+HPARAMS = ("learning_rate", "dropout_one", "dropout_two", "batch_size", "epochs", "seed", "hidden_units")
 
 
 def model_summary(params: Any, dropout_rates: tuple[float, float]) -> str:
@@ -190,14 +193,21 @@ class LatestOnlyWorker:
 
 
 class Reporter:
-    """Every sink of one job's epoch records: metrics.jsonl, TensorBoard, curves.png."""
+    """Every sink of one job's epoch records: metrics.jsonl, TensorBoard, curves.png and the
+    hyperparameter-tuning metric (validation accuracy, in the cloudml-hypertune format)."""
 
-    def __init__(self, job_dir: str, hparams: dict[str, Any], learning_rate: float) -> None:
-        self.log = MetricsLog(job_dir)
+    def __init__(self, config: Config) -> None:
+        import hypertune
+
+        self.log = MetricsLog(config.job_dir)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.tensorboard = TensorBoardLog(storage.join(job_dir, "logs", stamp), hparams)
-        self.curves_path = storage.join(job_dir, "curves.png")
-        self.learning_rate = learning_rate
+        hparams = {key: getattr(config, key) for key in HPARAMS}
+        self.tensorboard = TensorBoardLog(storage.join(config.tensorboard_dir, stamp), hparams)
+        self.curves_path = storage.join(config.job_dir, "curves.png")
+        self.learning_rate = config.learning_rate
+        # Writes $CLOUD_ML_HP_METRIC_FILE (default /tmp/hypertune/output.metrics), read by the tuning service.
+        self.tuning = hypertune.HyperTune()
+        self.tuning_tag = config.hpt_metric_tag
         self._plotter = LatestOnlyWorker("curves")
 
     def resume(self, completed_epochs: int) -> None:
@@ -206,6 +216,8 @@ class Reporter:
     def write(self, record: dict[str, Any]) -> None:
         self.log.append(record)
         self.tensorboard.write(record, self.learning_rate)
+        self.tuning.report_hyperparameter_tuning_metric(
+            hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"])
         records = list(self.log.records)
         self._plotter.submit(lambda: storage.write_bytes_atomic(self.curves_path, curves_png(records)))
 

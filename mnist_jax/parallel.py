@@ -1,18 +1,78 @@
-"""Devices: the data-parallel mesh and the shardings the trainer uses.
+"""Devices and hosts: multi-host start-up, the data-parallel mesh, and its shardings.
 
 One mesh axis, `data`, spans every device of every process. Batches are split
 along it; params and optimizer state are replicated, so XLA averages gradients
 across devices inside the jitted step.
+
+A job spanning hosts starts `jax.distributed` before any other JAX call, from
+(in order) the explicit `--coordinator-address/--num-processes/--process-id`,
+Vertex AI's `CLUSTER_SPEC`, or a multi-host Cloud TPU (JAX detects it itself).
+This module owns those cluster variables; a single process starts nothing.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mnist_jax.config import Config
 from mnist_jax.errors import ConfigError
 
 DATA_AXIS = "data"
+# Vertex lists each replica as host:port for its own use; JAX's coordinator listens beside it.
+COORDINATOR_PORT = 8476
+
+
+class Cluster(NamedTuple):
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+
+
+def parse_cluster_spec(text: str) -> Cluster:
+    """Vertex AI's CLUSTER_SPEC: the coordinator is workerpool0's first replica; process 0 is
+    workerpool0, then workerpool1's replicas in order."""
+    try:
+        spec = json.loads(text)
+        pools = spec["cluster"]
+        chief, workers = pools["workerpool0"], pools.get("workerpool1", [])
+        task_type, index = spec["task"]["type"], int(spec["task"]["index"])
+        host = chief[0].rsplit(":", 1)[0]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ConfigError(f"CLUSTER_SPEC is not a Vertex AI cluster spec: {e!r}") from None
+    if task_type == "workerpool0":
+        process_id = 0
+    elif task_type == "workerpool1":
+        process_id = 1 + index
+    else:  # workerpool2/3 (parameter servers, evaluators) have no part in data-parallel training
+        raise ConfigError(f"CLUSTER_SPEC task type {task_type!r} is not a training worker pool")
+    return Cluster(f"{host}:{COORDINATOR_PORT}", len(chief) + len(workers), process_id)
+
+
+def find_cluster(config: Config, environ: Mapping[str, str] | None = None) -> Cluster | None:
+    """The cluster this process belongs to, from flags or CLUSTER_SPEC; None for one process."""
+    env = os.environ if environ is None else environ
+    if config.coordinator_address is not None:
+        return Cluster(config.coordinator_address, config.num_processes, config.process_id)  # type: ignore[arg-type]
+    if env.get("CLUSTER_SPEC"):
+        cluster = parse_cluster_spec(env["CLUSTER_SPEC"])
+        return cluster if cluster.num_processes > 1 else None
+    return None
+
+
+def initialize(config: Config) -> None:
+    """Starts jax.distributed when the job spans hosts; must run before any other JAX call."""
+    cluster = find_cluster(config)
+    if cluster is not None:
+        jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
+                                   num_processes=cluster.num_processes, process_id=cluster.process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host Cloud TPU slice
+        jax.distributed.initialize()
 
 
 def make_mesh() -> Mesh:

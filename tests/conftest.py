@@ -36,9 +36,12 @@ def tiny_pickle(tmp_path: Path) -> Path:
 
 
 def trainer_env(devices: int = 1, env: dict | None = None) -> dict:
-    """The environment of a trainer subprocess with `devices` simulated CPU devices."""
+    """The environment of a trainer subprocess with `devices` simulated CPU devices.
+
+    The tuning metric goes to a throwaway file unless `env` says where.
+    """
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", **(env or {})}
+            "JAX_PLATFORMS": "cpu", "CLOUD_ML_HP_METRIC_FILE": os.devnull, **(env or {})}
 
 
 TRAINER = [sys.executable, "-m", "mnist_jax.train"]
@@ -68,7 +71,7 @@ def load_final_state(job_dir, hidden_units: int = 512):
     from mnist_jax.model import MLP
     from mnist_jax.train import create_train_state
 
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(job_dir)), keep=3)
+    ckpt = checkpoint.Checkpointer(checkpoint.manager_path(f"{job_dir}/checkpoints"), keep=3)
     abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), 0, 0.001))
     state, _ = ckpt.restore(ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()),
                             {"hidden_units": hidden_units})
