@@ -1,0 +1,11 @@
+# CPU training container for Vertex AI custom jobs and tuning trials.
+# The entrypoint is the trainer: Vertex's `args` (and a trial's --name=value flags) are its flags.
+#   docker build -t "$IMAGE_URI" . && docker push "$IMAGE_URI"
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1
+WORKDIR /opt/mnist-jax
+COPY pyproject.toml README.md ./
+COPY mnist_jax ./mnist_jax
+RUN pip install --no-cache-dir .
+ENTRYPOINT ["python", "-m", "mnist_jax.train"]
+CMD ["--epochs=20", "--batch-size=128"]

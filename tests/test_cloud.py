@@ -1,0 +1,91 @@
+"""The Vertex AI contract (output locations, job ids, tuning metric) and multi-host training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, TRAINER, load_final_state, run_trainer, trainer_env
+from gcs import free_port
+
+from mnist_jax.config import parse_args
+from mnist_jax.errors import ConfigError
+from mnist_jax.parallel import COORDINATOR_PORT, Cluster, find_cluster, parse_cluster_spec
+
+
+def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path):
+    base = tmp_path / "base"
+    metric_file = tmp_path / "hypertune" / "output.metrics"
+    env = {"AIP_MODEL_DIR": f"{base}/model/", "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/",
+           "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs/", "CLOUD_ML_JOB_ID": "job-123", "CLOUD_ML_TRIAL_ID": "7",
+           "CLOUD_ML_HP_METRIC_FILE": str(metric_file)}
+    result = run_trainer(["--train-file", str(tiny_pickle), "--epochs", "2", "--batch-size", "32",
+                          "--dropout-one=0.3", "--dropout_two=0.25"], env=env)
+    assert "Vertex AI job job-123, trial 7" in result.stdout
+    assert (base / "model" / "model.h5").is_file()
+    assert any(p.name.isdigit() for p in (base / "checkpoints").iterdir())
+    assert list((base / "logs").glob("*/events.out.tfevents.*"))
+    for name in ("config.json", "metrics.jsonl", "curves.png"):  # the job dir: the parent of AIP_MODEL_DIR
+        assert (base / name).is_file(), name
+    config = json.loads((base / "config.json").read_text())
+    assert (config["job_id"], config["trial_id"]) == ("job-123", "7")
+    assert (config["dropout_one"], config["dropout_two"]) == (0.3, 0.25)
+    records = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in metric_file.read_text().splitlines()]
+    assert [line["global_step"] for line in lines] == ["1", "2"]
+    for line, record in zip(lines, records):
+        assert set(line) >= {"timestamp", "trial", "accuracy", "global_step"} and line["trial"] == "7"
+        assert float(line["accuracy"]) == pytest.approx(record["val_accuracy"])
+
+
+def test_flags_win_over_vertex_variables(tmp_path):
+    env = {"AIP_MODEL_DIR": "gs://b/base/model/", "AIP_CHECKPOINT_DIR": "gs://b/base/checkpoints/",
+           "AIP_TENSORBOARD_LOG_DIR": "gs://b/base/logs/"}
+    config = parse_args(["--job-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ck"), "--hpt-metric-tag=acc"],
+                        env)
+    assert config.job_dir == str(tmp_path) and config.checkpoint_dir == str(tmp_path / "ck")
+    assert config.model_dir == "gs://b/base/model/" and config.tensorboard_dir == "gs://b/base/logs/"
+    assert config.hpt_metric_tag == "acc"
+    plain = parse_args([], {})
+    assert (plain.model_dir, plain.checkpoint_dir, plain.tensorboard_dir) == (
+        "./tmp/mnist_mlp", "./tmp/mnist_mlp/checkpoints", "./tmp/mnist_mlp/logs")
+
+
+def test_cluster_spec_parsing():
+    spec = {"cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222", "w-2:2222"]},
+            "task": {"type": "workerpool1", "index": 1}, "environment": "cloud"}
+    assert parse_cluster_spec(json.dumps(spec)) == Cluster(f"chief-0:{COORDINATOR_PORT}", 4, 2)
+    spec["task"] = {"type": "workerpool0", "index": 0}
+    assert parse_cluster_spec(json.dumps(spec)).process_id == 0
+    single = {"cluster": {"workerpool0": ["localhost:2222"]}, "task": {"type": "workerpool0", "index": 0}}
+    assert find_cluster(parse_args([], {}), {"CLUSTER_SPEC": json.dumps(single)}) is None  # one process: nothing
+    with pytest.raises(ConfigError, match="not a Vertex AI cluster spec"):
+        parse_cluster_spec('{"cluster": {}}')
+    with pytest.raises(ConfigError, match="not a training worker pool"):
+        parse_cluster_spec(json.dumps({**spec, "task": {"type": "workerpool2", "index": 0}}))
+    explicit = parse_args(["--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1"], {})
+    assert find_cluster(explicit, {"CLUSTER_SPEC": json.dumps(spec)}) == Cluster("10.0.0.1:1234", 2, 1)
+    with pytest.raises(ConfigError, match="go together"):
+        parse_args(["--num-processes", "2"], {})
+    with pytest.raises(ConfigError, match="must be below"):
+        parse_args(["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"], {})
+
+
+def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
+    args = ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--dropout-one", "0.3"]
+    port = free_port()
+    processes = [subprocess.Popen([*TRAINER, *args, "--job-dir", str(tmp_path / "two"),
+                                   "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)], cwd=REPO, env=trainer_env(1), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [p.communicate(timeout=240) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "Training on 2 cpu device(s), 2 process(es)" in outputs[0][0]
+    assert "Epoch 1/1" in outputs[0][0] and "Epoch" not in outputs[1][0]  # only process 0 reports
+    run_trainer([*args, "--job-dir", str(tmp_path / "one")])
+    two, one = load_final_state(tmp_path / "two"), load_final_state(tmp_path / "one")
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)))
+    assert diff < 1e-5
