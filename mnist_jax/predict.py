@@ -31,7 +31,13 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 def load_model(path: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A jitted function from float images (N, 784) in [0, 1] to class probabilities (N, 10)."""
+    """A jitted function from float images (N, 784) in [0, 1] to class probabilities (N, 10).
+
+    `path` is a Keras .h5 file, a directory holding `model.h5` (as Vertex's
+    AIP_STORAGE_URI names one), or a checkpoints directory.
+    """
+    if not path.endswith((".h5", ".hdf5")) and storage.exists(storage.join(path, "model.h5")):
+        path = storage.join(path, "model.h5")
     if path.endswith((".h5", ".hdf5")):
         params, _ = export.read_model(path)
     else:

@@ -95,6 +95,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.gate.wait()
         fault = self.server.next_fault(self.command)
         if fault == "reset":
             # SO_LINGER 0 makes close() send a TCP RST: a dropped connection.
@@ -132,7 +133,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 class FaultyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """Forwards HTTP to the emulator, but answers the first requests of each method
-    with the faults in `plan` (in order: '503' or 'reset'), then passes everything."""
+    with the faults in `plan` (in order: '503' or 'reset'), then passes everything.
+    While `gate` is clear, requests wait: storage that has not answered yet."""
 
     daemon_threads = True
 
@@ -140,6 +142,8 @@ class FaultyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream_port = upstream_port
         self.plan = plan
+        self.gate = threading.Event()
+        self.gate.set()
         self.seen: Counter[str] = Counter()
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()

@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO
 
 from mnist_jax.config import parse_args
+from mnist_jax.serve import build_parser as build_serve_parser
 
 SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + [REPO / ".ci" / "run"]
 
@@ -51,3 +52,10 @@ def test_vertex_trial_and_job_args_parse_as_trainer_flags():
     job_args = re.search(r'^args="([^"]+)"', submit, re.MULTILINE).group(1)
     flags = job_args.replace("${BUCKET}", "bucket").replace("${job_name}", "job").split(",")
     assert parse_args(flags, {}).job_dir == "gs://bucket/jobs/job"
+
+
+def test_serving_container_runs_the_server_on_all_interfaces():
+    entrypoint = _instruction((REPO / "Dockerfile.serve").read_text(), "ENTRYPOINT")
+    assert entrypoint[:3] == ["python", "-m", "mnist_jax.serve"]
+    args = build_serve_parser().parse_args(entrypoint[3:])
+    assert args.host == "0.0.0.0"

@@ -1,0 +1,242 @@
+"""Online predictions: a Vertex AI custom-container prediction server with dynamic batching.
+
+    python -m mnist_jax.serve --model PATH [--host 127.0.0.1] [--port 8080]
+
+Follows Vertex AI's custom-container contract: port `$AIP_HTTP_PORT` (8080),
+health route `$AIP_HEALTH_ROUTE` (`/health`), predict route
+`$AIP_PREDICT_ROUTE` (`/predict`), model `$AIP_STORAGE_URI` when `--model` is
+absent (a `model.h5`, a directory holding one, or a checkpoints directory;
+local or gs://). A request `{"instances": [...]}` is answered with
+`{"predictions": [{"label", "probabilities"}, ...]}`, the numbers
+`mnist_jax.predict` gives.
+
+Dynamic batching: requests waiting at the same time are gathered, up to
+`--max-batch` images, run as one jitted forward pass, and split back to their
+callers. A batch waits (at most `--batch-timeout-ms`) only for requests that
+have already arrived and are still being parsed, so a lone request is answered
+at once. Batches are padded to power-of-two sizes, all
+compiled before health reports ready, so nothing compiles while serving.
+Client mistakes get 400 (or 413 for a body over `--max-body-bytes`) with a
+one-line JSON error, and are rejected before batching, so they never touch
+other requests. SIGTERM stops accepting connections, drains requests in
+flight, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mnist_jax.errors import DataError, MnistJaxError
+from mnist_jax.predict import images_from_instances, load_model, predictions
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+def bucket_sizes(largest: int) -> list[int]:
+    """Powers of two up to the first one >= `largest`: the only batch shapes ever compiled."""
+    sizes = [1]
+    while sizes[-1] < largest:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+class Batcher:
+    """Gathers concurrent requests into padded batches for one forward pass each."""
+
+    def __init__(self, forward: Forward, max_batch: int, timeout_s: float, largest_request: int) -> None:
+        self.forward = forward
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+        self.buckets = bucket_sizes(max(max_batch, largest_request))
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self._held: tuple[np.ndarray, asyncio.Future] | None = None  # didn't fit the last batch
+        self.arriving = 0  # requests received but not yet queued (being read and parsed)
+        # One thread runs the forward passes, so the event loop keeps accepting requests meanwhile.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    def warm_up(self) -> None:
+        """Compiles every bucket (call before reporting healthy)."""
+        for size in self.buckets:
+            self.forward(np.zeros((size, 784), np.float32))
+
+    def padded_forward(self, images: np.ndarray) -> np.ndarray:
+        size = next(b for b in self.buckets if b >= len(images))
+        padded = np.zeros((size, images.shape[1]), np.float32)
+        padded[: len(images)] = images
+        return self.forward(padded)[: len(images)]
+
+    async def predict(self, images: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((images, future))
+        return await future
+
+    async def _next_item(self, timeout: float | None) -> tuple[np.ndarray, asyncio.Future] | None:
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        if timeout <= 0 or self.arriving == 0:  # nobody else is on the way: don't wait
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next_item(None)
+            batch, count = [first], len(first[0])
+            deadline = loop.time() + self.timeout_s
+            while count < self.max_batch:
+                item = await self._next_item(deadline - loop.time())
+                if item is None:
+                    break
+                if count + len(item[0]) > self.max_batch:
+                    self._held = item
+                    break
+                batch.append(item)
+                count += len(item[0])
+            images = np.concatenate([images for images, _ in batch])
+            try:
+                probabilities = await loop.run_in_executor(self._executor, self.padded_forward, images)
+            except Exception as e:  # a server fault: every caller of this batch gets a 500
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            start = 0
+            for request_images, future in batch:
+                if not future.done():  # a caller may have gone away
+                    future.set_result(probabilities[start:start + len(request_images)])
+                start += len(request_images)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message.replace("\n", " ")}, status_code=status)
+
+
+def create_app(model_path: str, *, max_batch: int, batch_timeout_ms: float, max_instances: int,
+               max_body_bytes: int, health_route: str, predict_route: str) -> Starlette:
+    """The Starlette app; the model loads (and compiles) in the background after start-up."""
+    state: dict[str, Batcher] = {}
+    ready = threading.Event()
+
+    def load() -> None:
+        batcher = Batcher(load_model(model_path), max_batch, batch_timeout_ms / 1000, max_instances)
+        batcher.warm_up()
+        state["batcher"] = batcher
+        ready.set()
+
+    async def health(request: Request) -> JSONResponse:
+        if not ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def predict(request: Request) -> JSONResponse:
+        if not ready.is_set():
+            return _error(503, "model is not loaded yet")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            return _error(413, f"request body over {max_body_bytes} bytes")
+        batcher = state["batcher"]
+        batcher.arriving += 1
+        try:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    return _error(413, f"request body over {max_body_bytes} bytes")
+            images = images_from_instances(json.loads(body))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return _error(400, f"malformed JSON: {e}")
+        except (DataError, RecursionError) as e:
+            return _error(400, str(e))
+        finally:
+            batcher.arriving -= 1
+        if len(images) > max_instances:
+            return _error(400, f"{len(images)} instances in one request; the limit is {max_instances}")
+        return JSONResponse(predictions(await batcher.predict(images)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async def load_then_serve() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, load)
+            except MnistJaxError as e:  # nothing to serve: say why and shut down
+                app.state.load_error = str(e)
+                app.state.server.should_exit = True
+                return
+            await state["batcher"].run()
+
+        app.state.load_error = None
+        task = asyncio.create_task(load_then_serve())
+        try:
+            yield
+        finally:  # after uvicorn has drained the requests in flight
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if "batcher" in state:
+                state["batcher"].close()
+
+    return Starlette(routes=[Route(health_route, health, methods=["GET"]),
+                             Route(predict_route, predict, methods=["POST"])], lifespan=lifespan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mnist_jax.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.environ.get("AIP_STORAGE_URI"),
+                        help="model.h5, a directory holding it, or a checkpoints directory (default: $AIP_STORAGE_URI)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (a container passes 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("AIP_HTTP_PORT", "8080")))
+    parser.add_argument("--max-batch", type=int, default=64, help="most images in one forward pass (1: no batching)")
+    parser.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                        help="how long a batch waits for more requests after its first")
+    parser.add_argument("--max-instances", type=int, default=128, help="most instances in one request")
+    parser.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.model:
+        print("error: no model: pass --model or set AIP_STORAGE_URI", file=sys.stderr)
+        return 2
+    app = create_app(args.model, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
+                     max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
+                     health_route=os.environ.get("AIP_HEALTH_ROUTE", "/health"),
+                     predict_route=os.environ.get("AIP_PREDICT_ROUTE", "/predict"))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=30))
+    app.state.server = server
+    server.run()
+    if app.state.load_error:
+        print(f"error: cannot load the model: {app.state.load_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
