@@ -20,7 +20,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
+
+# FLOPs per example: forward 2 x 668,672 multiply-adds; backward the weight gradients of all
+# three layers and the input gradients of the last two (none for the images).
+MACS = (784 * 512, 512 * 512, 512 * 10)
+TRAIN_FLOPS_PER_EXAMPLE = 2 * sum(MACS) + 2 * sum(MACS) + 2 * sum(MACS[1:])
+EVAL_FLOPS_PER_EXAMPLE = 2 * sum(MACS)
 
 # The seed's mnist_mlp.py (Keras example), reading the same pickle, with a
 # callback that records each epoch's wall time including validation.
@@ -31,7 +38,7 @@ KERAS_SCRIPT = textwrap.dedent("""
     from keras.models import Sequential
     from keras.optimizers import RMSprop
 
-    train_file, epochs, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    train_file, epochs, out, model_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     batch_size, num_classes = 128, 10
     with open(train_file, "rb") as f:
         (x_train, y_train), (x_test, y_test) = pickle.load(f)
@@ -59,24 +66,39 @@ KERAS_SCRIPT = textwrap.dedent("""
     model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=0,
               validation_data=(x_test, y_test), callbacks=[Timer()])
     score = model.evaluate(x_test, y_test, verbose=0)
+    model.save(model_path)
     json.dump({"epoch_times": Timer.times, "test_accuracy": score[1]}, open(out, "w"))
 """)
+
+
+def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Runs a command to completion; returns its wall time (s) and peak resident memory (MB)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{command} failed")
+    return wall, usage.ru_maxrss / 1024
 
 
 def run_keras(train_file: str, epochs: int, workdir: Path) -> dict:
     script, out = workdir / "mnist_mlp_keras.py", workdir / "keras.json"
     script.write_text(KERAS_SCRIPT)
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    subprocess.run([sys.executable, str(script), train_file, str(epochs), str(out)], check=True, env=env)
-    return json.loads(out.read_text())
+    wall, peak = run_measured([sys.executable, str(script), train_file, str(epochs), str(out),
+                               str(workdir / "keras_model.h5")], {"KERAS_BACKEND": "jax"})
+    return {**json.loads(out.read_text()), "wall_s": wall, "peak_mb": peak}
 
 
 def run_ours(train_file: str, epochs: int, workdir: Path, *extra: str) -> dict:
     job_dir = workdir / f"job{len(list(workdir.glob('job*')))}"
-    subprocess.run([sys.executable, "-m", "mnist_jax.train", "--train-file", train_file, "--epochs", str(epochs),
-                    "--job-dir", str(job_dir), *extra], check=True, stdout=subprocess.DEVNULL)
+    cache = workdir / f"{job_dir.name}-xla-cache"  # empty: compile as on a fresh machine
+    wall, peak = run_measured([sys.executable, "-m", "mnist_jax.train", "--train-file", train_file,
+                               "--epochs", str(epochs), "--job-dir", str(job_dir), *extra],
+                              {"JAX_COMPILATION_CACHE_DIR": str(cache)})
     records = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"epoch_times": [r["epoch_time_s"] for r in records], "test_accuracy": records[-1]["val_accuracy"]}
+    return {"epoch_times": [r["epoch_time_s"] for r in records], "test_accuracy": records[-1]["val_accuracy"],
+            "wall_s": wall, "peak_mb": peak}
 
 
 def main() -> None:
@@ -93,15 +115,20 @@ def main() -> None:
                    "mnist-jax, no ckpt": run_ours(args.train_file, args.epochs, Path(tmp),
                                                   "--checkpoint-every", str(args.epochs))}
     print(f"\n{args.epochs} epochs, {os.cpu_count()} CPU cores")
-    print(f"{'trainer':<24}{'median epoch (s)':>18}{'first epoch (s)':>17}{'test accuracy':>15}")
-    medians = {}
+    print(f"{'trainer':<24}{'median epoch s':>15}{'first epoch s':>14}{'job wall s':>11}{'peak RSS MB':>12}"
+          f"{'test acc':>9}{'GFLOP/s':>9}")
+    flops = 60000 * TRAIN_FLOPS_PER_EXAMPLE + 10000 * EVAL_FLOPS_PER_EXAMPLE
     for name, result in results.items():
         times = result["epoch_times"]
-        medians[name] = statistics.median(times[1:] or times)
-        print(f"{name:<24}{medians[name]:>18.3f}{times[0]:>17.3f}{result['test_accuracy']:>15.4f}")
-    keras_median, ours_median, unsaved_median = medians.values()
-    print(f"ratio mnist-jax / keras: {ours_median / keras_median:.3f}")
-    print(f"checkpoint every epoch costs {100 * (ours_median / unsaved_median - 1):+.1f}% of epoch time")
+        result["median"] = statistics.median(times[1:] or times)
+        print(f"{name:<24}{result['median']:>15.3f}{times[0]:>14.3f}{result['wall_s']:>11.1f}{result['peak_mb']:>12.0f}"
+              f"{result['test_accuracy']:>9.4f}{flops / result['median'] / 1e9:>9.0f}")
+    keras, ours, unsaved = results.values()
+    print(f"mnist-jax / keras: steady-state epoch {ours['median'] / keras['median']:.3f}, "
+          f"job wall time {ours['wall_s'] / keras['wall_s']:.3f}, peak memory {ours['peak_mb'] / keras['peak_mb']:.3f}")
+    print(f"checkpoint every epoch costs {100 * (ours['median'] / unsaved['median'] - 1):+.1f}% of epoch time")
+    print(f"an epoch is {flops / 1e9:.1f} GFLOP (training {60000 * TRAIN_FLOPS_PER_EXAMPLE / 1e9:.1f}, "
+          f"evaluation {10000 * EVAL_FLOPS_PER_EXAMPLE / 1e9:.1f})")
 
 
 if __name__ == "__main__":
