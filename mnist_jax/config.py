@@ -9,7 +9,7 @@ Vertex AI: where Vertex sets `AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR` and
 `AIP_TENSORBOARD_LOG_DIR`, `model.h5`, checkpoints and TensorBoard events go
 there; with no `--job-dir`, the job dir is the parent of `AIP_MODEL_DIR`. Each
 location's own flag wins over its variable. `CLOUD_ML_JOB_ID` and
-`CLOUD_ML_TRIAL_ID` are recorded.
+`CLOUD_ML_TRIAL_ID` are recorded; the tuning metric goes to `CLOUD_ML_HP_METRIC_FILE`.
 
 Flags accept the three spellings tuning services and people use:
 `--dropout-one 0.2`, `--dropout-one=0.2` and `--dropout_one=0.2`. Integer flags
@@ -30,6 +30,7 @@ from mnist_jax.errors import ConfigError
 
 DEFAULT_TRAIN_FILE = "data/mnist.pkl"
 DEFAULT_JOB_DIR = "./tmp/mnist_mlp"
+DEFAULT_HPT_METRIC_FILE = "/tmp/hypertune/output.metrics"  # cloudml-hypertune's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Config:
     checkpoint_dir: str = f"{DEFAULT_JOB_DIR}/checkpoints"
     tensorboard_dir: str = f"{DEFAULT_JOB_DIR}/logs"  # each run writes to a <timestamp> directory inside
     hpt_metric_tag: str = "accuracy"  # the tuning metric's id (the study's hyperparameterMetricTag)
+    hpt_metric_file: str = DEFAULT_HPT_METRIC_FILE  # CLOUD_ML_HP_METRIC_FILE: where the tuning service reads it
     job_id: str | None = None  # CLOUD_ML_JOB_ID
     trial_id: str | None = None  # CLOUD_ML_TRIAL_ID
     # Multi-host: all three, or none (then CLUSTER_SPEC or Cloud TPU detection decides).
@@ -162,6 +164,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         model_dir=values["model_dir"] or vertex_model_dir or job_dir,
         checkpoint_dir=values["checkpoint_dir"] or env.get("AIP_CHECKPOINT_DIR") or f"{job_dir.rstrip('/')}/checkpoints",
         tensorboard_dir=values["tensorboard_dir"] or env.get("AIP_TENSORBOARD_LOG_DIR") or f"{job_dir.rstrip('/')}/logs",
+        hpt_metric_file=env.get("CLOUD_ML_HP_METRIC_FILE", DEFAULT_HPT_METRIC_FILE),
         job_id=env.get("CLOUD_ML_JOB_ID"),
         trial_id=env.get("CLOUD_ML_TRIAL_ID"),
     )

@@ -205,8 +205,12 @@ class Reporter:
         self.tensorboard = TensorBoardLog(storage.join(config.tensorboard_dir, stamp), hparams)
         self.curves_path = storage.join(config.job_dir, "curves.png")
         self.learning_rate = config.learning_rate
-        # Writes $CLOUD_ML_HP_METRIC_FILE (default /tmp/hypertune/output.metrics), read by the tuning service.
+        # cloudml-hypertune takes its file and trial from the environment; the config already read
+        # them (per trial when several train in one process), so they are set here.
         self.tuning = hypertune.HyperTune()
+        self.tuning.metric_path = config.hpt_metric_file
+        self.tuning.trial_id = config.trial_id or "0"
+        os.makedirs(os.path.dirname(os.path.abspath(config.hpt_metric_file)), exist_ok=True)
         self.tuning_tag = config.hpt_metric_tag
         self._plotter = LatestOnlyWorker("curves")
 

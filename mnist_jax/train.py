@@ -180,14 +180,32 @@ def resolve_train_file(config: Config) -> str:
     return DEFAULT_TRAIN_FILE
 
 
+def load_data(config: Config, mesh: Mesh, say: Callable[..., None]) -> tuple[tuple, tuple, int]:
+    """Reads and places the dataset; returns train data, test data and steps per epoch."""
+    dataset = data.load(resolve_train_file(config))
+    say(f"{len(dataset.x_train)} train samples\n{len(dataset.x_test)} test samples")
+    train_data, test_data = place_data(dataset, mesh)
+    # The devices hold their copy; keeping the host's would only raise peak memory.
+    return train_data, test_data, -(-len(dataset.x_train) // config.batch_size)
+
+
 # --- the loop --------------------------------------------------------------
 
 
-def _epoch_record(epoch: int, train: Totals, test: Totals, seconds: float) -> dict[str, Any]:
-    """The epoch's means from host copies of its totals."""
+def checkpoint_meta(config: Config, epoch: int) -> dict[str, Any]:
+    """What a checkpoint records beside the state: the settings that shaped it, all settings, the epoch."""
+    return {"shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}, "config": config.to_dict(),
+            "epoch": epoch}
+
+
+def epoch_record(epoch: int, train: Totals, test: Totals, seconds: float) -> dict[str, Any]:
+    """The epoch's means from host copies of its totals; a non-finite loss ends the job."""
+    loss = float(train.loss_sum / train.count)
+    if not np.isfinite(loss):
+        raise MnistJaxError(f"loss became non-finite in epoch {epoch}; try a lower --learning-rate")
     return {
         "epoch": epoch,
-        "loss": float(train.loss_sum / train.count),
+        "loss": loss,
         "accuracy": float(train.correct / train.count),
         "val_loss": float(test.loss_sum / test.count),
         "val_accuracy": float(test.correct / test.count),
@@ -238,21 +256,14 @@ def train_and_evaluate(config: Config) -> TrainState:
         say(f"Vertex AI job {config.job_id or '-'}, trial {config.trial_id or '-'}")
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
-    train_file = resolve_train_file(config)
     if is_main:
-        write_config(config, train_file)
-
-    dataset = data.load(train_file)
-    say(f"{len(dataset.x_train)} train samples\n{len(dataset.x_test)} test samples")
-    train_data, test_data = place_data(dataset, mesh)
-    steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
-    del dataset  # the devices hold their copy; the host's would only raise peak memory
+        write_config(config, resolve_train_file(config))
+    train_data, test_data, steps_per_epoch = load_data(config, mesh, say)
 
     model = MLP(hidden_units=config.hidden_units)
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(config.checkpoint_dir), keep=config.keep_checkpoints)
     state, resumed = restore_or_create(config, model, mesh, ckpt)
-    rates = (config.dropout_one, config.dropout_two)
-    say(metrics.model_summary(state.params, rates))
+    say(metrics.model_summary(state.params, (config.dropout_one, config.dropout_two)))
     say(f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es); {count_params(state.params):,} parameters")
     if resumed:
@@ -262,7 +273,6 @@ def train_and_evaluate(config: Config) -> TrainState:
     bar = metrics.ProgressBar(steps_per_epoch) if is_main and sys.stdout.isatty() else None
     run_epoch, evaluate = compile_steps(model, config, mesh, None if bar is None else lambda d: bar.update(int(d)))
     hp = jax.device_put(hyperparams(config), parallel.replicated(mesh))
-    meta = {"shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}, "config": config.to_dict()}
 
     test_totals = evaluate(state.params, test_data)  # replaced each epoch; reported if none is left to train
     try:
@@ -275,16 +285,14 @@ def train_and_evaluate(config: Config) -> TrainState:
                 test_totals = evaluate(state.params, test_data)
                 # The one host sync of the epoch; Keras's epoch time likewise includes evaluation.
                 train_host, test_host = jax.device_get((train_totals, test_totals))
-                record = _epoch_record(epoch, train_host, test_host, time.perf_counter() - started)
+                record = epoch_record(epoch, train_host, test_host, time.perf_counter() - started)
                 if bar is not None:
                     bar.clear()
-                if not np.isfinite(record["loss"]):
-                    raise MnistJaxError(f"loss became non-finite in epoch {epoch}; try a lower --learning-rate")
                 say(metrics.epoch_line(record, config.epochs), flush=True)
                 if reporter is not None:
                     reporter.write(record)
                 if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
-                    ckpt.save(state, {**meta, "epoch": epoch})
+                    ckpt.save(state, checkpoint_meta(config, epoch))
                 if preemption.requested:
                     raise Preempted(f"SIGTERM: saved epoch {epoch} (step {int(state.step)}) to {ckpt.directory}; "
                                     "rerun the same command to continue")
@@ -293,14 +301,18 @@ def train_and_evaluate(config: Config) -> TrainState:
         if reporter is not None:
             reporter.close()
 
-    test = jax.device_get(test_totals)
+    if is_main:
+        finish(config, jax.device_get(state.params), jax.device_get(test_totals), say)
+    return state
+
+
+def finish(config: Config, params: Any, test: Totals, say: Callable[..., None]) -> None:
+    """The seed's closing lines, and `model.h5` where the job's model goes."""
     say(f"Test loss: {float(test.loss_sum / test.count):.4f}")
     say(f"Test accuracy: {float(test.correct / test.count):.4f}")
-    if is_main:
-        model_path = storage.join(config.model_dir, "model.h5")
-        export.write_model(model_path, jax.device_get(state.params), rates, config.learning_rate)
-        say(f"Saved {model_path}")
-    return state
+    model_path = storage.join(config.model_dir, "model.h5")
+    export.write_model(model_path, params, (config.dropout_one, config.dropout_two), config.learning_rate)
+    say(f"Saved {model_path}")
 
 
 def enable_compile_cache() -> None:

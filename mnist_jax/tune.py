@@ -9,7 +9,9 @@ of a legacy `trainingInput.hyperparameters` study. `run` runs a study on this
 machine as the tuning service would: each trial is a real
 `python -m mnist_jax.train` process given its parameters as `--name=value`
 flags, with its own job dir `DIR/trial-<id>` and its own hypertune metric file,
-at most P at once. Trials are drawn by random search with each parameter's
+at most P at once. With `--vectorize K`, K trials at a time train together in
+one `python -m mnist_jax.multitrial` program (one vmapped, jitted epoch), each
+writing its outputs as if it had run alone. Trials are drawn by random search with each parameter's
 scale type (the same `--seed` draws the same trials). A failed trial is
 recorded with its error; the study stops once `maxFailedTrials` have failed.
 The leaderboard is printed and written to `DIR/study.json`.
@@ -201,49 +203,59 @@ def read_metric(path: Path, tag: str) -> list[tuple[int, float]]:
     return [(int(line["global_step"]), float(line[tag])) for line in lines if tag in line]
 
 
-def run_trial(trial_id: int, params: dict[str, Any], job_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
-    """Runs one trial as a real trainer process; returns its record for study.json."""
+def _trial_setup(trial_id: int, params: dict[str, Any], root: Path, extra: Sequence[str]) -> tuple[list[str], dict]:
+    """A trial's trainer flags and variables: its parameters as --name=value, its own job dir and metric file."""
+    job_dir = root / f"trial-{trial_id}"
     job_dir.mkdir(parents=True, exist_ok=True)
-    metric_file = job_dir / "hypertune.metrics"
-    command = [sys.executable, "-m", "mnist_jax.train", *extra, "--job-dir", str(job_dir),
-               *(f"--{name}={_flag_value(value)}" for name, value in params.items())]
-    env = {**os.environ, "CLOUD_ML_TRIAL_ID": str(trial_id), "CLOUD_ML_HP_METRIC_FILE": str(metric_file)}
-    with open(job_dir / "train.log", "w") as log:
-        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
-    record: dict[str, Any] = {"id": trial_id, "params": params, "job_dir": str(job_dir), "metric_file": str(metric_file)}
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        return {**record, "status": "FAILED", "metric": None, "error": lines[-1] if lines else f"exit {result.returncode}"}
-    return {**record, "status": "SUCCEEDED"}
+    argv = [*extra, "--job-dir", str(job_dir), *(f"--{name}={_flag_value(value)}" for name, value in params.items())]
+    return argv, {"CLOUD_ML_TRIAL_ID": str(trial_id), "CLOUD_ML_HP_METRIC_FILE": str(job_dir / "hypertune.metrics")}
 
 
-def run_study(study: Study, job_dir: Path, seed: int, extra: Sequence[str]) -> dict[str, Any]:
-    """Runs the study's trials, at most `parallel_trials` at once; returns study.json's content."""
+def run_unit(trials: list[tuple[int, dict[str, Any]]], root: Path, extra: Sequence[str],
+             metric: str) -> list[dict[str, Any]]:
+    """Runs one trial as `python -m mnist_jax.train`, or several in one `python -m mnist_jax.multitrial`
+    program; returns each trial's record for study.json."""
+    setups = [_trial_setup(trial_id, params, root, extra) for trial_id, params in trials]
+    if len(trials) == 1:
+        (argv, env), = setups
+        command, log_path = [sys.executable, "-m", "mnist_jax.train", *argv], root / f"trial-{trials[0][0]}" / "train.log"
+    else:
+        group = root / f"group-{trials[0][0]}-{trials[-1][0]}.json"
+        group.write_text(json.dumps([{"argv": argv, "env": env} for argv, env in setups], indent=2))
+        command, log_path = [sys.executable, "-m", "mnist_jax.multitrial", str(group)], group.with_suffix(".log")
+        env = {}
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.PIPE, text=True)
+    lines = result.stderr.strip().splitlines()
+    error = (lines[-1] if lines else f"exit {result.returncode}") if result.returncode else None
+    records = []
+    for (trial_id, params), (_, trial_env) in zip(trials, setups):
+        record: dict[str, Any] = {"id": trial_id, "params": params, "job_dir": str(root / f"trial-{trial_id}")}
+        measurements = [] if error else read_metric(Path(trial_env["CLOUD_ML_HP_METRIC_FILE"]), metric)
+        if error or not measurements:
+            record.update(status="FAILED", metric=None, error=error or f"trial reported no '{metric}' metric")
+        else:  # the final measurement is the trial's metric
+            record.update(status="SUCCEEDED", metric=measurements[-1][1], measurements=measurements)
+        records.append(record)
+    return records
+
+
+def run_study(study: Study, job_dir: Path, seed: int, extra: Sequence[str], vectorize: int = 1) -> dict[str, Any]:
+    """Runs the study's trials, at most `parallel_trials` programs at once, each training `vectorize`
+    trials together; returns study.json's content."""
     trials: list[dict[str, Any]] = []
     failed = 0
-    draws = draw_trials(study, study.max_trials, seed)
+    draws = list(enumerate(draw_trials(study, study.max_trials, seed), start=1))
+    units = [draws[i:i + vectorize] for i in range(0, len(draws), vectorize)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=study.parallel_trials) as pool:
-        pending: dict[concurrent.futures.Future, int] = {}
-        next_id = 1
-        while next_id <= study.max_trials or pending:
-            while next_id <= study.max_trials and len(pending) < study.parallel_trials and failed < study.max_failed_trials:
-                future = pool.submit(run_trial, next_id, draws[next_id - 1], job_dir / f"trial-{next_id}", extra)
-                pending[future] = next_id
-                next_id += 1
+        pending: set[concurrent.futures.Future] = set()
+        while units or pending:
+            while units and len(pending) < study.parallel_trials and failed < study.max_failed_trials:
+                pending.add(pool.submit(run_unit, units.pop(0), job_dir, extra, study.metric))
             if not pending:
                 break
-            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                del pending[future]
-                record = future.result()
-                if record["status"] == "SUCCEEDED":
-                    measurements = read_metric(Path(record.pop("metric_file")), study.metric)
-                    record["measurements"] = measurements
-                    record["metric"] = measurements[-1][1] if measurements else None  # the final measurement
-                    if not measurements:
-                        record.update(status="FAILED", error=f"trial reported no '{study.metric}' metric")
-                else:
-                    record.pop("metric_file")
+            done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for record in (record for future in done for record in future.result()):
                 failed += record["status"] == "FAILED"
                 trials.append(record)
                 print(f"trial {record['id']}: {record['status']} {record.get('metric')} {record['params']}", flush=True)
@@ -289,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--max-trials", type=int, default=None, help="override the study's trial count")
     run.add_argument("--parallel-trials", type=int, default=None, help="override the study's parallel trials")
     run.add_argument("--seed", type=int, default=0, help="random-search seed: the same seed draws the same trials")
+    run.add_argument("--vectorize", type=int, default=1, metavar="K",
+                     help="train K trials at once in one program (they may differ only in dropout rates, "
+                          "learning rate and seed)")
     args = parser.parse_args(own)
     try:
         study, _ = load_study(args.config)
@@ -297,11 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         overrides = {k: v for k, v in (("max_trials", args.max_trials), ("parallel_trials", args.parallel_trials))
                      if v is not None}
-        _require(all(v >= 1 for v in overrides.values()), "--max-trials and --parallel-trials must be >= 1")
+        _require(all(v >= 1 for v in (*overrides.values(), args.vectorize)),
+                 "--max-trials, --parallel-trials and --vectorize must be >= 1")
         study = dataclasses.replace(study, **overrides)
         job_dir = Path(args.job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
-        result = run_study(study, job_dir, args.seed, extra)
+        result = run_study(study, job_dir, args.seed, extra, args.vectorize)
     except MnistJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
