@@ -8,10 +8,12 @@ and variables are parsed as `python -m mnist_jax.train` would parse them. The
 trials may differ in what does not change shapes (dropout rates, learning rate,
 seed) and must agree on the rest. Their states are stacked along a leading
 axis, and one jitted program vmaps the trainer's own `train_epoch` over it, so
-each trial computes the same math as when it runs alone, while the machine runs
-K small models as one wider one. Each trial's outputs (job dir, checkpoints,
-metrics, TensorBoard, tuning metric, model.h5) are written as if it had run
-alone; a rerun resumes all of them from their checkpoints.
+each trial computes the same math as when it runs alone, in one program that
+is K times as wide: what an accelerator's idle width is for. (On the 2-core
+CPU it is no faster than K trials in a row; README has the numbers.) Each
+trial's outputs (job dir, checkpoints, metrics, TensorBoard, tuning metric,
+model.h5) are written as if it had run alone; a rerun resumes all of them from
+their checkpoints.
 """
 
 from __future__ import annotations
