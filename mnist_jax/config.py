@@ -116,34 +116,95 @@ def build_parser(prog: str = "python -m mnist_jax.train") -> argparse.ArgumentPa
     defaults = Config()
     parser = _Parser(prog=prog, allow_abbrev=False, description=__doc__.splitlines()[0])
     positive_int = _int_at_least(1)
-    _add(parser, "train_file", default=None, metavar="PATH",
-         help=f"pickle/npz of ((x_train, y_train), (x_test, y_test)); local, file:// or gs:// "
-              f"(default: {DEFAULT_TRAIN_FILE}, downloaded if absent)")
-    _add(parser, "job_dir", default=None, metavar="DIR",
-         help=f"where outputs go; local or gs:// (default: the parent of $AIP_MODEL_DIR, else {DEFAULT_JOB_DIR})")
+    _add(
+        parser,
+        "train_file",
+        default=None,
+        metavar="PATH",
+        help=f"pickle/npz of ((x_train, y_train), (x_test, y_test)); local, file:// or gs:// "
+        f"(default: {DEFAULT_TRAIN_FILE}, downloaded if absent)",
+    )
+    _add(
+        parser,
+        "job_dir",
+        default=None,
+        metavar="DIR",
+        help=f"where outputs go; local or gs:// (default: the parent of $AIP_MODEL_DIR, else {DEFAULT_JOB_DIR})",
+    )
     _add(parser, "epochs", type=positive_int, default=defaults.epochs)
-    _add(parser, "batch_size", type=positive_int, default=defaults.batch_size,
-         help="global batch size; must divide evenly over the devices")
-    _add(parser, "learning_rate", type=_float_in(0, math.inf, low_open=True, high_open=True),
-         default=defaults.learning_rate, help="RMSprop learning rate")
+    _add(
+        parser,
+        "batch_size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="global batch size; must divide evenly over the devices",
+    )
+    _add(
+        parser,
+        "learning_rate",
+        type=_float_in(0, math.inf, low_open=True, high_open=True),
+        default=defaults.learning_rate,
+        help="RMSprop learning rate",
+    )
     for name in ("dropout_one", "dropout_two"):
-        _add(parser, name, type=_float_in(0, 1, low_open=False, high_open=True),
-             default=getattr(defaults, name), help="dropout rate in [0, 1)")
+        _add(
+            parser,
+            name,
+            type=_float_in(0, 1, low_open=False, high_open=True),
+            default=getattr(defaults, name),
+            help="dropout rate in [0, 1)",
+        )
     _add(parser, "seed", type=_int_at_least(0), default=defaults.seed)
     _add(parser, "hidden_units", type=positive_int, default=defaults.hidden_units)
-    _add(parser, "checkpoint_every", type=positive_int, default=defaults.checkpoint_every,
-         help="save a checkpoint every N epochs (and always after the last)")
-    _add(parser, "keep_checkpoints", type=positive_int, default=defaults.keep_checkpoints,
-         help="how many of the newest checkpoints to keep")
-    _add(parser, "model_dir", default=None, metavar="DIR", help="where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)")
-    _add(parser, "checkpoint_dir", default=None, metavar="DIR",
-         help="checkpoint directory (default: $AIP_CHECKPOINT_DIR, else <job-dir>/checkpoints)")
-    _add(parser, "tensorboard_dir", default=None, metavar="DIR",
-         help="TensorBoard log directory (default: $AIP_TENSORBOARD_LOG_DIR, else <job-dir>/logs)")
-    _add(parser, "hpt_metric_tag", default=defaults.hpt_metric_tag, metavar="TAG",
-         help="tag of the validation accuracy reported to hyperparameter tuning")
-    _add(parser, "coordinator_address", default=None, metavar="HOST:PORT",
-         help="multi-host: address of process 0's coordinator")
+    _add(
+        parser,
+        "checkpoint_every",
+        type=positive_int,
+        default=defaults.checkpoint_every,
+        help="save a checkpoint every N epochs (and always after the last)",
+    )
+    _add(
+        parser,
+        "keep_checkpoints",
+        type=positive_int,
+        default=defaults.keep_checkpoints,
+        help="how many of the newest checkpoints to keep",
+    )
+    _add(
+        parser,
+        "model_dir",
+        default=None,
+        metavar="DIR",
+        help="where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)",
+    )
+    _add(
+        parser,
+        "checkpoint_dir",
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory (default: $AIP_CHECKPOINT_DIR, else <job-dir>/checkpoints)",
+    )
+    _add(
+        parser,
+        "tensorboard_dir",
+        default=None,
+        metavar="DIR",
+        help="TensorBoard log directory (default: $AIP_TENSORBOARD_LOG_DIR, else <job-dir>/logs)",
+    )
+    _add(
+        parser,
+        "hpt_metric_tag",
+        default=defaults.hpt_metric_tag,
+        metavar="TAG",
+        help="tag of the validation accuracy reported to hyperparameter tuning",
+    )
+    _add(
+        parser,
+        "coordinator_address",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0's coordinator",
+    )
     _add(parser, "num_processes", type=positive_int, default=None, help="multi-host: number of processes")
     _add(parser, "process_id", type=_int_at_least(0), default=None, help="multi-host: this process's index")
     return parser
@@ -162,8 +223,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     values.update(
         job_dir=job_dir,
         model_dir=values["model_dir"] or vertex_model_dir or job_dir,
-        checkpoint_dir=values["checkpoint_dir"] or env.get("AIP_CHECKPOINT_DIR") or f"{job_dir.rstrip('/')}/checkpoints",
-        tensorboard_dir=values["tensorboard_dir"] or env.get("AIP_TENSORBOARD_LOG_DIR") or f"{job_dir.rstrip('/')}/logs",
+        checkpoint_dir=values["checkpoint_dir"]
+        or env.get("AIP_CHECKPOINT_DIR")
+        or f"{job_dir.rstrip('/')}/checkpoints",
+        tensorboard_dir=values["tensorboard_dir"]
+        or env.get("AIP_TENSORBOARD_LOG_DIR")
+        or f"{job_dir.rstrip('/')}/logs",
         hpt_metric_file=env.get("CLOUD_ML_HP_METRIC_FILE", DEFAULT_HPT_METRIC_FILE),
         job_id=env.get("CLOUD_ML_JOB_ID"),
         trial_id=env.get("CLOUD_ML_TRIAL_ID"),
@@ -172,5 +237,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     if any(v is not None for v in cluster) and any(v is None for v in cluster):
         raise ConfigError("--coordinator-address, --num-processes and --process-id go together")
     if values["process_id"] is not None and values["process_id"] >= values["num_processes"]:
-        raise ConfigError(f"--process-id {values['process_id']} must be below --num-processes {values['num_processes']}")
+        raise ConfigError(
+            f"--process-id {values['process_id']} must be below --num-processes {values['num_processes']}"
+        )
     return Config(**values)

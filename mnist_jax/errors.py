@@ -1,8 +1,18 @@
 """The project's user-facing error types.
 
-Each entry point catches `MnistJaxError` and prints its message as one line, so
-a user sees what to fix instead of a traceback.
+Each entry point catches `MnistJaxError` and hands it to `report`, which prints
+its message as one line, so a user sees what to fix instead of a traceback.
 """
+
+import sys
+
+EXIT_STATUS = 2  # what every command-line entry point returns for a user-facing error
+
+
+def report(error: object) -> int:
+    """Prints `error` as one `error: ...` line on stderr; returns the exit status to use."""
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_STATUS
 
 
 class MnistJaxError(Exception):

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from mnist_jax import storage
-from mnist_jax.errors import DataError, MnistJaxError
+from mnist_jax.errors import DataError, MnistJaxError, report
 from mnist_jax.model import NUM_CLASSES, RMSPROP_EPSILON, RMSPROP_RHO
 
 KERAS_VERSION = "2.15.0"
@@ -36,39 +36,83 @@ INPUT_DIM = 784
 
 
 def _dense_config(name: str, units: int, activation: str) -> dict[str, Any]:
-    return {"class_name": "Dense", "config": {
-        "name": name, "trainable": True, "dtype": "float32", "units": units, "activation": activation,
-        "use_bias": True,
-        "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": None}},
-        "bias_initializer": {"class_name": "Zeros", "config": {}},
-        "kernel_regularizer": None, "bias_regularizer": None, "activity_regularizer": None,
-        "kernel_constraint": None, "bias_constraint": None}}
+    return {
+        "class_name": "Dense",
+        "config": {
+            "name": name,
+            "trainable": True,
+            "dtype": "float32",
+            "units": units,
+            "activation": activation,
+            "use_bias": True,
+            "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": None}},
+            "bias_initializer": {"class_name": "Zeros", "config": {}},
+            "kernel_regularizer": None,
+            "bias_regularizer": None,
+            "activity_regularizer": None,
+            "kernel_constraint": None,
+            "bias_constraint": None,
+        },
+    }
 
 
 def _dropout_config(name: str, rate: float) -> dict[str, Any]:
-    return {"class_name": "Dropout", "config": {
-        "name": name, "trainable": True, "dtype": "float32", "rate": rate, "noise_shape": None, "seed": None}}
+    return {
+        "class_name": "Dropout",
+        "config": {
+            "name": name,
+            "trainable": True,
+            "dtype": "float32",
+            "rate": rate,
+            "noise_shape": None,
+            "seed": None,
+        },
+    }
 
 
 def model_config(hidden_units: int, dropout_rates: tuple[float, float]) -> dict[str, Any]:
     """The Sequential model's config, Keras-2 style (no "module" keys, which route Keras 3 to this loader)."""
-    input_layer = {"class_name": "InputLayer", "config": {
-        "batch_input_shape": [None, INPUT_DIM], "dtype": "float32", "sparse": False, "ragged": False,
-        "name": "dense_input"}}
-    layers = [input_layer,
-              _dense_config("dense", hidden_units, "relu"), _dropout_config("dropout", dropout_rates[0]),
-              _dense_config("dense_1", hidden_units, "relu"), _dropout_config("dropout_1", dropout_rates[1]),
-              _dense_config("dense_2", NUM_CLASSES, "softmax")]
+    input_layer = {
+        "class_name": "InputLayer",
+        "config": {
+            "batch_input_shape": [None, INPUT_DIM],
+            "dtype": "float32",
+            "sparse": False,
+            "ragged": False,
+            "name": "dense_input",
+        },
+    }
+    layers = [
+        input_layer,
+        _dense_config("dense", hidden_units, "relu"),
+        _dropout_config("dropout", dropout_rates[0]),
+        _dense_config("dense_1", hidden_units, "relu"),
+        _dropout_config("dropout_1", dropout_rates[1]),
+        _dense_config("dense_2", NUM_CLASSES, "softmax"),
+    ]
     return {"class_name": "Sequential", "config": {"name": "sequential", "layers": layers}}
 
 
 def training_config(learning_rate: float) -> dict[str, Any]:
     """The compile state as tf.keras 2.x stored it (a Keras-3 optimizer config breaks tf.keras 2.15)."""
-    optimizer = {"class_name": "RMSprop", "config": {
-        "name": "RMSprop", "learning_rate": learning_rate, "rho": RMSPROP_RHO, "momentum": 0.0,
-        "epsilon": RMSPROP_EPSILON, "centered": False}}
-    return {"loss": "categorical_crossentropy", "metrics": ["accuracy"], "weighted_metrics": None,
-            "loss_weights": None, "optimizer_config": optimizer}
+    optimizer = {
+        "class_name": "RMSprop",
+        "config": {
+            "name": "RMSprop",
+            "learning_rate": learning_rate,
+            "rho": RMSPROP_RHO,
+            "momentum": 0.0,
+            "epsilon": RMSPROP_EPSILON,
+            "centered": False,
+        },
+    }
+    return {
+        "loss": "categorical_crossentropy",
+        "metrics": ["accuracy"],
+        "weighted_metrics": None,
+        "loss_weights": None,
+        "optimizer_config": optimizer,
+    }
 
 
 def _names(values: Sequence[str]) -> np.ndarray:
@@ -120,7 +164,9 @@ def read_model(uri: str) -> tuple[dict[str, dict[str, np.ndarray]], tuple[float,
             arrays = []
             for name in layer_names:
                 group = weights[name]
-                arrays += [np.asarray(group[w.decode() if isinstance(w, bytes) else w]) for w in group.attrs["weight_names"]]
+                arrays += [
+                    np.asarray(group[w.decode() if isinstance(w, bytes) else w]) for w in group.attrs["weight_names"]
+                ]
     except FileNotFoundError:
         raise DataError(f"model file not found: {uri}") from None
     except (OSError, KeyError, ValueError) as e:
@@ -129,8 +175,10 @@ def read_model(uri: str) -> tuple[dict[str, dict[str, np.ndarray]], tuple[float,
     kinds = [layer["class_name"] for layer in layers]
     if kinds != ["Dense", "Dropout", "Dense", "Dropout", "Dense"] or len(arrays) != 6:
         raise DataError(f"{uri} is not the mnist_mlp architecture (Dense, Dropout, Dense, Dropout, Dense): {kinds}")
-    params = {name: {"kernel": arrays[2 * i].astype(np.float32), "bias": arrays[2 * i + 1].astype(np.float32)}
-              for i, name in enumerate(DENSE_LAYERS)}
+    params = {
+        name: {"kernel": arrays[2 * i].astype(np.float32), "bias": arrays[2 * i + 1].astype(np.float32)}
+        for i, name in enumerate(DENSE_LAYERS)
+    }
     shapes = [params[name]["kernel"].shape for name in DENSE_LAYERS]
     hidden = shapes[0][1]
     if shapes != [(INPUT_DIM, hidden), (hidden, hidden), (hidden, NUM_CLASSES)]:
@@ -151,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params, config, step = checkpoint.load_params(args.checkpoint, args.step)
         write_model(args.out, params, (config["dropout_one"], config["dropout_two"]), config["learning_rate"])
     except MnistJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"Wrote {args.out} from step {step} of {args.checkpoint}")
     return 0
 

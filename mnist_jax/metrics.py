@@ -46,10 +46,20 @@ def model_summary(params: Any, dropout_rates: tuple[float, float]) -> str:
             rows.append((f"dropout{suffix} (Dropout, rate {dropout_rates[i]:g})", f"(None, {kernel.shape[1]})", "0"))
     line, thick = "_" * 78, "=" * 78
     body = [f" {a:<40}{b:<22}{c:>14}" for a, b, c in rows]
-    return "\n".join([
-        'Model: "sequential"', line, f" {'Layer (type)':<40}{'Output Shape':<22}{'Param #':>14}", thick,
-        *body, thick, f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0", line,
-    ])
+    return "\n".join(
+        [
+            'Model: "sequential"',
+            line,
+            f" {'Layer (type)':<40}{'Output Shape':<22}{'Param #':>14}",
+            thick,
+            *body,
+            thick,
+            f"Total params: {total:,}",
+            f"Trainable params: {total:,}",
+            "Non-trainable params: 0",
+            line,
+        ]
+    )
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -221,7 +231,8 @@ class Reporter:
         self.log.append(record)
         self.tensorboard.write(record, self.learning_rate)
         self.tuning.report_hyperparameter_tuning_metric(
-            hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"])
+            hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"]
+        )
         records = list(self.log.records)
         self._plotter.submit(lambda: storage.write_bytes_atomic(self.curves_path, curves_png(records)))
 

@@ -31,12 +31,22 @@ import jax.numpy as jnp
 
 from mnist_jax import checkpoint, metrics, parallel, train
 from mnist_jax.config import Config, parse_args
-from mnist_jax.errors import CheckpointError, ConfigError, MnistJaxError
+from mnist_jax.errors import CheckpointError, ConfigError, MnistJaxError, report
 from mnist_jax.model import MLP
 
 # What may differ between trials trained together (the vmapped values, and where outputs go).
-PER_TRIAL = {"learning_rate", "dropout_one", "dropout_two", "seed", "job_dir", "model_dir", "checkpoint_dir",
-             "tensorboard_dir", "hpt_metric_file", "trial_id"}
+PER_TRIAL = {
+    "learning_rate",
+    "dropout_one",
+    "dropout_two",
+    "seed",
+    "job_dir",
+    "model_dir",
+    "checkpoint_dir",
+    "tensorboard_dir",
+    "hpt_metric_file",
+    "trial_id",
+}
 
 
 def check_compatible(configs: Sequence[Config]) -> None:
@@ -44,16 +54,19 @@ def check_compatible(configs: Sequence[Config]) -> None:
     for config in configs[1:]:
         different = sorted(k for k, v in config.to_dict().items() if k not in PER_TRIAL and v != first[k])
         if different:
-            raise ConfigError(f"trials trained together must share {', '.join(different)} "
-                              f"(only {', '.join(sorted(PER_TRIAL))} may differ)")
+            raise ConfigError(
+                f"trials trained together must share {', '.join(different)} "
+                f"(only {', '.join(sorted(PER_TRIAL))} may differ)"
+            )
 
 
 def stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def vectorized_epoch(states: Any, train_data: tuple, hps: Any, *, model: MLP, batch_size: int,
-                     batch_sharding: jax.sharding.Sharding) -> tuple[Any, Any]:
+def vectorized_epoch(
+    states: Any, train_data: tuple, hps: Any, *, model: MLP, batch_size: int, batch_sharding: jax.sharding.Sharding
+) -> tuple[Any, Any]:
     """One epoch of every trial: the trainer's own epoch, vmapped over the stacked states.
 
     (Sharing one batch plan between trials of one seed, so that vmap folds the
@@ -75,24 +88,33 @@ def train_trials(configs: Sequence[Config]) -> Any:
     train_data, test_data, _ = train.load_data(base, mesh, print)
 
     model = MLP(hidden_units=base.hidden_units)
-    ckpts = [checkpoint.Checkpointer(checkpoint.manager_path(c.checkpoint_dir), keep=c.keep_checkpoints)
-             for c in configs]
+    ckpts = [
+        checkpoint.Checkpointer(checkpoint.manager_path(c.checkpoint_dir), keep=c.keep_checkpoints) for c in configs
+    ]
     restored = [train.restore_or_create(c, model, mesh, ckpt) for c, ckpt in zip(configs, ckpts)]
     epochs = {int(state.epoch) for state, _ in restored}
     if len(epochs) != 1:
-        raise CheckpointError(f"the trials' checkpoints are at different epochs {sorted(epochs)}; "
-                              "run them alone, or with new job dirs")
+        raise CheckpointError(
+            f"the trials' checkpoints are at different epochs {sorted(epochs)}; run them alone, or with new job dirs"
+        )
     states = stack([state for state, _ in restored])
     start = epochs.pop()
-    print(f"Training {len(configs)} trials in one program on {jax.device_count()} device(s)"
-          + (f", resuming from epoch {start}" if start else ""))
+    print(
+        f"Training {len(configs)} trials in one program on {jax.device_count()} device(s)"
+        + (f", resuming from epoch {start}" if start else "")
+    )
 
     replicated = parallel.replicated(mesh)
-    run_epoch = jax.jit(functools.partial(vectorized_epoch, model=model, batch_size=base.batch_size,
-                                          batch_sharding=parallel.batch_sharded(mesh)),
-                        donate_argnums=0, out_shardings=replicated)
-    evaluate = jax.jit(jax.vmap(functools.partial(train.eval_step, model=model), in_axes=(0, None)),
-                       out_shardings=replicated)
+    run_epoch = jax.jit(
+        functools.partial(
+            vectorized_epoch, model=model, batch_size=base.batch_size, batch_sharding=parallel.batch_sharded(mesh)
+        ),
+        donate_argnums=0,
+        out_shardings=replicated,
+    )
+    evaluate = jax.jit(
+        jax.vmap(functools.partial(train.eval_step, model=model), in_axes=(0, None)), out_shardings=replicated
+    )
     hps = jax.device_put(stack([train.hyperparams(c) for c in configs]), replicated)
     reporters = [metrics.Reporter(c) for c in configs]
 
@@ -120,8 +142,9 @@ def train_trials(configs: Sequence[Config]) -> Any:
     params, test_host = jax.device_get((states.params, test_totals))
     for k, config in enumerate(configs):
         print(f"[trial {config.trial_id or k}]")
-        train.finish(config, jax.tree.map(lambda x, k=k: x[k], params), jax.tree.map(lambda x, k=k: x[k], test_host),
-                     print)
+        train.finish(
+            config, jax.tree.map(lambda x, k=k: x[k], params), jax.tree.map(lambda x, k=k: x[k], test_host), print
+        )
     return states
 
 
@@ -147,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train.enable_compile_cache()
         train_trials(load_group(args[0]))
     except MnistJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

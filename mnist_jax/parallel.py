@@ -69,8 +69,11 @@ def initialize(config: Config) -> None:
     """Starts jax.distributed when the job spans hosts; must run before any other JAX call."""
     cluster = find_cluster(config)
     if cluster is not None:
-        jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
-                                   num_processes=cluster.num_processes, process_id=cluster.process_id)
+        jax.distributed.initialize(
+            coordinator_address=cluster.coordinator_address,
+            num_processes=cluster.num_processes,
+            process_id=cluster.process_id,
+        )
     elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host Cloud TPU slice
         jax.distributed.initialize()
 
@@ -97,6 +100,5 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     devices = mesh.shape[DATA_AXIS]
     if batch_size % devices:
         raise ConfigError(
-            f"--batch-size {batch_size} does not divide evenly over {devices} devices; "
-            f"use a multiple of {devices}"
+            f"--batch-size {batch_size} does not divide evenly over {devices} devices; use a multiple of {devices}"
         )

@@ -23,7 +23,7 @@ import numpy as np
 
 from mnist_jax import export, storage
 from mnist_jax.data import IMAGE_PIXELS
-from mnist_jax.errors import DataError, MnistJaxError
+from mnist_jax.errors import DataError, MnistJaxError, report
 from mnist_jax.model import MLP
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,7 +82,9 @@ def images_from_instances(body: Any, source: str = "request") -> np.ndarray:
             array = np.asarray(instance)
         except ValueError:
             raise DataError(f"{source}: instance {i} is not a rectangular array of numbers") from None
-        if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        if array.dtype == bool or not (
+            np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        ):
             raise DataError(f"{source}: instance {i} must hold numbers, got {array.dtype}")
         if array.shape not in ((IMAGE_PIXELS,), (28, 28)):
             raise DataError(f"{source}: instance {i} must be 784 or 28x28 numbers, got shape {array.shape}")
@@ -132,8 +134,9 @@ def _png_image(payload: bytes, source: str) -> np.ndarray:
 
 
 def predictions(probabilities: np.ndarray) -> dict[str, list[dict[str, Any]]]:
-    return {"predictions": [{"label": int(np.argmax(p)), "probabilities": [float(v) for v in p]}
-                            for p in probabilities]}
+    return {
+        "predictions": [{"label": int(np.argmax(p)), "probabilities": [float(v) for v in p]} for p in probabilities]
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(result)
     except MnistJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from mnist_jax.errors import DataError, MnistJaxError
+from mnist_jax.errors import DataError, MnistJaxError, report
 from mnist_jax.predict import images_from_instances, load_model, predictions
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -126,7 +126,7 @@ class Batcher:
             start = 0
             for request_images, future in batch:
                 if not future.done():  # a caller may have gone away
-                    future.set_result(probabilities[start:start + len(request_images)])
+                    future.set_result(probabilities[start : start + len(request_images)])
                 start += len(request_images)
 
     def close(self) -> None:
@@ -137,8 +137,16 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message.replace("\n", " ")}, status_code=status)
 
 
-def create_app(model_path: str, *, max_batch: int, batch_timeout_ms: float, max_instances: int,
-               max_body_bytes: int, health_route: str, predict_route: str) -> Starlette:
+def create_app(
+    model_path: str,
+    *,
+    max_batch: int,
+    batch_timeout_ms: float,
+    max_instances: int,
+    max_body_bytes: int,
+    health_route: str,
+    predict_route: str,
+) -> Starlette:
     """The Starlette app; the model loads (and compiles) in the background after start-up."""
     state: dict[str, Batcher] = {}
     ready = threading.Event()
@@ -201,19 +209,25 @@ def create_app(model_path: str, *, max_batch: int, batch_timeout_ms: float, max_
             if "batcher" in state:
                 state["batcher"].close()
 
-    return Starlette(routes=[Route(health_route, health, methods=["GET"]),
-                             Route(predict_route, predict, methods=["POST"])], lifespan=lifespan)
+    return Starlette(
+        routes=[Route(health_route, health, methods=["GET"]), Route(predict_route, predict, methods=["POST"])],
+        lifespan=lifespan,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mnist_jax.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.environ.get("AIP_STORAGE_URI"),
-                        help="model.h5, a directory holding it, or a checkpoints directory (default: $AIP_STORAGE_URI)")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("AIP_STORAGE_URI"),
+        help="model.h5, a directory holding it, or a checkpoints directory (default: $AIP_STORAGE_URI)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (a container passes 0.0.0.0)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("AIP_HTTP_PORT", "8080")))
     parser.add_argument("--max-batch", type=int, default=64, help="most images in one forward pass (1: no batching)")
-    parser.add_argument("--batch-timeout-ms", type=float, default=2.0,
-                        help="how long a batch waits for more requests after its first")
+    parser.add_argument(
+        "--batch-timeout-ms", type=float, default=2.0, help="how long a batch waits for more requests after its first"
+    )
     parser.add_argument("--max-instances", type=int, default=128, help="most instances in one request")
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
     return parser
@@ -222,19 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.model:
-        print("error: no model: pass --model or set AIP_STORAGE_URI", file=sys.stderr)
-        return 2
-    app = create_app(args.model, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
-                     max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
-                     health_route=os.environ.get("AIP_HEALTH_ROUTE", "/health"),
-                     predict_route=os.environ.get("AIP_PREDICT_ROUTE", "/predict"))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=30))
+        return report("no model: pass --model or set AIP_STORAGE_URI")
+    app = create_app(
+        args.model,
+        max_batch=args.max_batch,
+        batch_timeout_ms=args.batch_timeout_ms,
+        max_instances=args.max_instances,
+        max_body_bytes=args.max_body_bytes,
+        health_route=os.environ.get("AIP_HEALTH_ROUTE", "/health"),
+        predict_route=os.environ.get("AIP_PREDICT_ROUTE", "/predict"),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    )
     app.state.server = server
     server.run()
     if app.state.load_error:
-        print(f"error: cannot load the model: {app.state.load_error}", file=sys.stderr)
-        return 2
+        return report(f"cannot load the model: {app.state.load_error}")
     return 0
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from mnist_jax import checkpoint, data, export, metrics, parallel, storage
 from mnist_jax.config import DEFAULT_TRAIN_FILE, Config, parse_args
-from mnist_jax.errors import MnistJaxError
+from mnist_jax.errors import MnistJaxError, report
 from mnist_jax.model import MLP, count_params, init_params, make_optimizer
 
 # How many steps pass between progress-bar updates on a terminal.
@@ -194,8 +194,11 @@ def load_data(config: Config, mesh: Mesh, say: Callable[..., None]) -> tuple[tup
 
 def checkpoint_meta(config: Config, epoch: int) -> dict[str, Any]:
     """What a checkpoint records beside the state: the settings that shaped it, all settings, the epoch."""
-    return {"shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}, "config": config.to_dict(),
-            "epoch": epoch}
+    return {
+        "shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS},
+        "config": config.to_dict(),
+        "epoch": epoch,
+    }
 
 
 def epoch_record(epoch: int, train: Totals, test: Totals, seconds: float) -> dict[str, Any]:
@@ -219,9 +222,16 @@ class Preempted(MnistJaxError):
 
 def write_config(config: Config, train_file: str) -> None:
     """Writes every resolved setting to `<job-dir>/config.json` (first write: fails fast on a bad job dir)."""
-    record = {**config.to_dict(), "train_file": train_file,
-              "runtime": {"devices": jax.device_count(), "processes": jax.process_count(),
-                          "platform": jax.devices()[0].platform, "jax": jax.__version__}}
+    record = {
+        **config.to_dict(),
+        "train_file": train_file,
+        "runtime": {
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "platform": jax.devices()[0].platform,
+            "jax": jax.__version__,
+        },
+    }
     storage.write_bytes_atomic(storage.join(config.job_dir, "config.json"), json.dumps(record, indent=2).encode())
 
 
@@ -241,9 +251,16 @@ def compile_steps(model: MLP, config: Config, mesh: Mesh, progress: Callable | N
     """The jitted epoch (state donated: updated in place) and evaluation functions."""
     replicated = parallel.replicated(mesh)
     run_epoch = jax.jit(
-        functools.partial(train_epoch, model=model, batch_size=config.batch_size,
-                          batch_sharding=parallel.batch_sharded(mesh), progress=progress),
-        donate_argnums=0, out_shardings=replicated)
+        functools.partial(
+            train_epoch,
+            model=model,
+            batch_size=config.batch_size,
+            batch_sharding=parallel.batch_sharded(mesh),
+            progress=progress,
+        ),
+        donate_argnums=0,
+        out_shardings=replicated,
+    )
     evaluate = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
     return run_epoch, evaluate
 
@@ -264,8 +281,10 @@ def train_and_evaluate(config: Config) -> TrainState:
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(config.checkpoint_dir), keep=config.keep_checkpoints)
     state, resumed = restore_or_create(config, model, mesh, ckpt)
     say(metrics.model_summary(state.params, (config.dropout_one, config.dropout_two)))
-    say(f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"{jax.process_count()} process(es); {count_params(state.params):,} parameters")
+    say(
+        f"Training on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es); {count_params(state.params):,} parameters"
+    )
     if resumed:
         say(f"Resuming from epoch {int(state.epoch)} (step {int(state.step)})")
 
@@ -294,8 +313,10 @@ def train_and_evaluate(config: Config) -> TrainState:
                 if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
                     ckpt.save(state, checkpoint_meta(config, epoch))
                 if preemption.requested:
-                    raise Preempted(f"SIGTERM: saved epoch {epoch} (step {int(state.step)}) to {ckpt.directory}; "
-                                    "rerun the same command to continue")
+                    raise Preempted(
+                        f"SIGTERM: saved epoch {epoch} (step {int(state.step)}) to {ckpt.directory}; "
+                        "rerun the same command to continue"
+                    )
     finally:
         ckpt.close()  # every started save is committed before we return or raise
         if reporter is not None:
@@ -333,8 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as if the signal had ended the process
     except MnistJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

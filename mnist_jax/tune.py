@@ -35,20 +35,26 @@ import numpy as np
 import yaml
 
 from mnist_jax import storage
-from mnist_jax.errors import ConfigError, MnistJaxError
+from mnist_jax.errors import ConfigError, MnistJaxError, report
 
 SCALE_TYPES = ("NONE", "UNIT_LINEAR_SCALE", "UNIT_LOG_SCALE", "UNIT_REVERSE_LOG_SCALE")
 PARAMETER_TYPES = ("DOUBLE", "INTEGER", "CATEGORICAL", "DISCRETE")
-_VALUE_SPECS = {"DOUBLE": "doubleValueSpec", "INTEGER": "integerValueSpec",
-                "CATEGORICAL": "categoricalValueSpec", "DISCRETE": "discreteValueSpec"}
+_VALUE_SPECS = {
+    "DOUBLE": "doubleValueSpec",
+    "INTEGER": "integerValueSpec",
+    "CATEGORICAL": "categoricalValueSpec",
+    "DISCRETE": "discreteValueSpec",
+}
 # The trial job of the Vertex form: the trainer's container; scripts/submit_vertex_hpt.sh fills
 # in IMAGE_URI and BUCKET. Vertex gives each trial AIP_MODEL_DIR under baseOutputDirectory/<trial>.
 TRIAL_JOB_SPEC = {
-    "workerPoolSpecs": [{
-        "machineSpec": {"machineType": "n1-standard-4"},
-        "replicaCount": 1,
-        "containerSpec": {"imageUri": "IMAGE_URI", "args": ["--train-file=gs://BUCKET/data/mnist.pkl"]},
-    }],
+    "workerPoolSpecs": [
+        {
+            "machineSpec": {"machineType": "n1-standard-4"},
+            "replicaCount": 1,
+            "containerSpec": {"imageUri": "IMAGE_URI", "args": ["--train-file=gs://BUCKET/data/mnist.pkl"]},
+        }
+    ],
     "baseOutputDirectory": {"outputUriPrefix": "gs://BUCKET/hptuning"},
 }
 
@@ -105,8 +111,10 @@ def _check_parameter(p: Parameter) -> Parameter:
     if p.type in ("CATEGORICAL", "DISCRETE"):
         _require(bool(p.values), f"parameter {p.name}: {p.type} needs values")
     else:
-        _require(p.min_value is not None and p.max_value is not None and p.min_value <= p.max_value,
-                 f"parameter {p.name}: needs minValue <= maxValue")
+        _require(
+            p.min_value is not None and p.max_value is not None and p.min_value <= p.max_value,
+            f"parameter {p.name}: needs minValue <= maxValue",
+        )
         if p.scale in ("UNIT_LOG_SCALE", "UNIT_REVERSE_LOG_SCALE"):
             _require(p.min_value > 0, f"parameter {p.name}: a log scale needs minValue > 0")  # type: ignore[operator]
     return p
@@ -116,16 +124,30 @@ def study_from_legacy(document: dict[str, Any]) -> Study:
     """Reads `trainingInput.hyperparameters` (ML Engine / AI Platform Training)."""
     spec = document.get("trainingInput", document).get("hyperparameters")
     _require(isinstance(spec, dict), "legacy study: no trainingInput.hyperparameters")
-    parameters = tuple(_check_parameter(Parameter(
-        name=p["parameterName"], type=p["type"], min_value=p.get("minValue"), max_value=p.get("maxValue"),
-        values=tuple(p.get("categoricalValues") or p.get("discreteValues") or ()), scale=p.get("scaleType", "NONE")))
-        for p in spec.get("params", []))
+    parameters = tuple(
+        _check_parameter(
+            Parameter(
+                name=p["parameterName"],
+                type=p["type"],
+                min_value=p.get("minValue"),
+                max_value=p.get("maxValue"),
+                values=tuple(p.get("categoricalValues") or p.get("discreteValues") or ()),
+                scale=p.get("scaleType", "NONE"),
+            )
+        )
+        for p in spec.get("params", [])
+    )
     max_trials = int(spec.get("maxTrials", 1))
-    return Study(goal=spec.get("goal", "MAXIMIZE"), metric=spec.get("hyperparameterMetricTag", "accuracy"),
-                 parameters=parameters, max_trials=max_trials, parallel_trials=int(spec.get("maxParallelTrials", 1)),
-                 max_failed_trials=int(spec.get("maxFailedTrials") or max_trials),
-                 algorithm=spec.get("algorithm", "ALGORITHM_UNSPECIFIED"),
-                 early_stopping=bool(spec.get("enableTrialEarlyStopping", False)))
+    return Study(
+        goal=spec.get("goal", "MAXIMIZE"),
+        metric=spec.get("hyperparameterMetricTag", "accuracy"),
+        parameters=parameters,
+        max_trials=max_trials,
+        parallel_trials=int(spec.get("maxParallelTrials", 1)),
+        max_failed_trials=int(spec.get("maxFailedTrials") or max_trials),
+        algorithm=spec.get("algorithm", "ALGORITHM_UNSPECIFIED"),
+        early_stopping=bool(spec.get("enableTrialEarlyStopping", False)),
+    )
 
 
 def study_from_vertex(document: dict[str, Any]) -> Study:
@@ -137,16 +159,29 @@ def study_from_vertex(document: dict[str, Any]) -> Study:
         kind = next((t for t, key in _VALUE_SPECS.items() if key in p), None)
         _require(kind is not None, f"parameter {p.get('parameterId')}: no value spec")
         values = p[_VALUE_SPECS[kind]]  # type: ignore[index]
-        parameters.append(_check_parameter(Parameter(
-            name=p["parameterId"], type=kind, min_value=values.get("minValue"),  # type: ignore[arg-type]
-            max_value=values.get("maxValue"), values=tuple(values.get("values", ())),
-            scale=p.get("scaleType", "NONE"))))
+        parameters.append(
+            _check_parameter(
+                Parameter(
+                    name=p["parameterId"],
+                    type=kind,
+                    min_value=values.get("minValue"),  # type: ignore[arg-type]
+                    max_value=values.get("maxValue"),
+                    values=tuple(values.get("values", ())),
+                    scale=p.get("scaleType", "NONE"),
+                )
+            )
+        )
     max_trials = int(document.get("maxTrialCount", 1))
-    return Study(goal=metric["goal"], metric=metric["metricId"], parameters=tuple(parameters), max_trials=max_trials,
-                 parallel_trials=int(document.get("parallelTrialCount", 1)),
-                 max_failed_trials=int(document.get("maxFailedTrialCount") or max_trials),
-                 algorithm=spec.get("algorithm", "ALGORITHM_UNSPECIFIED"),
-                 early_stopping="medianAutomatedStoppingSpec" in spec)
+    return Study(
+        goal=metric["goal"],
+        metric=metric["metricId"],
+        parameters=tuple(parameters),
+        max_trials=max_trials,
+        parallel_trials=int(document.get("parallelTrialCount", 1)),
+        max_failed_trials=int(document.get("maxFailedTrialCount") or max_trials),
+        algorithm=spec.get("algorithm", "ALGORITHM_UNSPECIFIED"),
+        early_stopping="medianAutomatedStoppingSpec" in spec,
+    )
 
 
 def load_study(path: str) -> tuple[Study, dict[str, Any]]:
@@ -178,12 +213,20 @@ def to_vertex(study: Study) -> dict[str, Any]:
         if p.scale != "NONE" and p.type in ("DOUBLE", "INTEGER"):
             entry["scaleType"] = p.scale
         parameters.append(entry)
-    spec: dict[str, Any] = {"metrics": [{"metricId": study.metric, "goal": study.goal}], "parameters": parameters,
-                            "algorithm": study.algorithm}
+    spec: dict[str, Any] = {
+        "metrics": [{"metricId": study.metric, "goal": study.goal}],
+        "parameters": parameters,
+        "algorithm": study.algorithm,
+    }
     if study.early_stopping:
         spec["medianAutomatedStoppingSpec"] = {"useElapsedDuration": False}
-    return {"studySpec": spec, "maxTrialCount": study.max_trials, "parallelTrialCount": study.parallel_trials,
-            "maxFailedTrialCount": study.max_failed_trials, "trialJobSpec": TRIAL_JOB_SPEC}
+    return {
+        "studySpec": spec,
+        "maxTrialCount": study.max_trials,
+        "parallelTrialCount": study.parallel_trials,
+        "maxFailedTrialCount": study.max_failed_trials,
+        "trialJobSpec": TRIAL_JOB_SPEC,
+    }
 
 
 def draw_trials(study: Study, count: int, seed: int) -> list[dict[str, Any]]:
@@ -211,14 +254,18 @@ def _trial_setup(trial_id: int, params: dict[str, Any], root: Path, extra: Seque
     return argv, {"CLOUD_ML_TRIAL_ID": str(trial_id), "CLOUD_ML_HP_METRIC_FILE": str(job_dir / "hypertune.metrics")}
 
 
-def run_unit(trials: list[tuple[int, dict[str, Any]]], root: Path, extra: Sequence[str],
-             metric: str) -> list[dict[str, Any]]:
+def run_unit(
+    trials: list[tuple[int, dict[str, Any]]], root: Path, extra: Sequence[str], metric: str
+) -> list[dict[str, Any]]:
     """Runs one trial as `python -m mnist_jax.train`, or several in one `python -m mnist_jax.multitrial`
     program; returns each trial's record for study.json."""
     setups = [_trial_setup(trial_id, params, root, extra) for trial_id, params in trials]
     if len(trials) == 1:
-        (argv, env), = setups
-        command, log_path = [sys.executable, "-m", "mnist_jax.train", *argv], root / f"trial-{trials[0][0]}" / "train.log"
+        ((argv, env),) = setups
+        command, log_path = (
+            [sys.executable, "-m", "mnist_jax.train", *argv],
+            root / f"trial-{trials[0][0]}" / "train.log",
+        )
     else:
         group = root / f"group-{trials[0][0]}-{trials[-1][0]}.json"
         group.write_text(json.dumps([{"argv": argv, "env": env} for argv, env in setups], indent=2))
@@ -246,7 +293,7 @@ def run_study(study: Study, job_dir: Path, seed: int, extra: Sequence[str], vect
     trials: list[dict[str, Any]] = []
     failed = 0
     draws = list(enumerate(draw_trials(study, study.max_trials, seed), start=1))
-    units = [draws[i:i + vectorize] for i in range(0, len(draws), vectorize)]
+    units = [draws[i : i + vectorize] for i in range(0, len(draws), vectorize)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=study.parallel_trials) as pool:
         pending: set[concurrent.futures.Future] = set()
         while units or pending:
@@ -272,9 +319,12 @@ def leaderboard(result: dict[str, Any]) -> str:
     """The trials as a table, best first."""
     names = sorted({name for t in result["trials"] for name in t["params"]})
     reverse = result["goal"] == "MAXIMIZE"
-    ranked = sorted(result["trials"], key=lambda t: (t["metric"] is None,
-                                                    -(t["metric"] or 0) if reverse else (t["metric"] or 0)))
-    header = f"{'rank':>4}  {'trial':>5}  {'status':<9}  {result['metric']:>12}  " + "  ".join(f"{n:>14}" for n in names)
+    ranked = sorted(
+        result["trials"], key=lambda t: (t["metric"] is None, -(t["metric"] or 0) if reverse else (t["metric"] or 0))
+    )
+    header = f"{'rank':>4}  {'trial':>5}  {'status':<9}  {result['metric']:>12}  " + "  ".join(
+        f"{n:>14}" for n in names
+    )
     rows = [header, "-" * len(header)]
     for rank, t in enumerate(ranked, 1):
         metric = f"{t['metric']:.4f}" if t["metric"] is not None else "-"
@@ -289,8 +339,8 @@ def _short(value: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m mnist_jax.tune", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="print the Vertex AI form of a legacy study config")
@@ -301,26 +351,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--max-trials", type=int, default=None, help="override the study's trial count")
     run.add_argument("--parallel-trials", type=int, default=None, help="override the study's parallel trials")
     run.add_argument("--seed", type=int, default=0, help="random-search seed: the same seed draws the same trials")
-    run.add_argument("--vectorize", type=int, default=1, metavar="K",
-                     help="train K trials at once in one program (they may differ only in dropout rates, "
-                          "learning rate and seed)")
+    run.add_argument(
+        "--vectorize",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train K trials at once in one program (they may differ only in dropout rates, learning rate and seed)",
+    )
     args = parser.parse_args(own)
     try:
         study, _ = load_study(args.config)
         if args.command == "convert":
             print(yaml.safe_dump(to_vertex(study), sort_keys=False), end="")
             return 0
-        overrides = {k: v for k, v in (("max_trials", args.max_trials), ("parallel_trials", args.parallel_trials))
-                     if v is not None}
-        _require(all(v >= 1 for v in (*overrides.values(), args.vectorize)),
-                 "--max-trials, --parallel-trials and --vectorize must be >= 1")
+        overrides = {
+            k: v
+            for k, v in (("max_trials", args.max_trials), ("parallel_trials", args.parallel_trials))
+            if v is not None
+        }
+        _require(
+            all(v >= 1 for v in (*overrides.values(), args.vectorize)),
+            "--max-trials, --parallel-trials and --vectorize must be >= 1",
+        )
         study = dataclasses.replace(study, **overrides)
         job_dir = Path(args.job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         result = run_study(study, job_dir, args.seed, extra, args.vectorize)
     except MnistJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     storage.write_bytes_atomic(str(job_dir / "study.json"), (json.dumps(result, indent=2) + "\n").encode())
     print(leaderboard(result))
     best = result["best"]

@@ -85,20 +85,38 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
 def run_keras(train_file: str, epochs: int, workdir: Path) -> dict:
     script, out = workdir / "mnist_mlp_keras.py", workdir / "keras.json"
     script.write_text(KERAS_SCRIPT)
-    wall, peak = run_measured([sys.executable, str(script), train_file, str(epochs), str(out),
-                               str(workdir / "keras_model.h5")], {"KERAS_BACKEND": "jax"})
+    wall, peak = run_measured(
+        [sys.executable, str(script), train_file, str(epochs), str(out), str(workdir / "keras_model.h5")],
+        {"KERAS_BACKEND": "jax"},
+    )
     return {**json.loads(out.read_text()), "wall_s": wall, "peak_mb": peak}
 
 
 def run_ours(train_file: str, epochs: int, workdir: Path, *extra: str) -> dict:
     job_dir = workdir / f"job{len(list(workdir.glob('job*')))}"
     cache = workdir / f"{job_dir.name}-xla-cache"  # empty: compile as on a fresh machine
-    wall, peak = run_measured([sys.executable, "-m", "mnist_jax.train", "--train-file", train_file,
-                               "--epochs", str(epochs), "--job-dir", str(job_dir), *extra],
-                              {"JAX_COMPILATION_CACHE_DIR": str(cache)})
+    wall, peak = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "mnist_jax.train",
+            "--train-file",
+            train_file,
+            "--epochs",
+            str(epochs),
+            "--job-dir",
+            str(job_dir),
+            *extra,
+        ],
+        {"JAX_COMPILATION_CACHE_DIR": str(cache)},
+    )
     records = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"epoch_times": [r["epoch_time_s"] for r in records], "test_accuracy": records[-1]["val_accuracy"],
-            "wall_s": wall, "peak_mb": peak}
+    return {
+        "epoch_times": [r["epoch_time_s"] for r in records],
+        "test_accuracy": records[-1]["val_accuracy"],
+        "wall_s": wall,
+        "peak_mb": peak,
+    }
 
 
 def main() -> None:
@@ -109,26 +127,37 @@ def main() -> None:
     if not os.path.exists(args.train_file):
         subprocess.run([sys.executable, "-m", "mnist_jax.data", "download", "--out", args.train_file], check=True)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"keras 3 (jax backend)": run_keras(args.train_file, args.epochs, Path(tmp)),
-                   "mnist-jax": run_ours(args.train_file, args.epochs, Path(tmp)),
-                   # Checkpointing's cost: the same job saving only after its last epoch.
-                   "mnist-jax, no ckpt": run_ours(args.train_file, args.epochs, Path(tmp),
-                                                  "--checkpoint-every", str(args.epochs))}
+        results = {
+            "keras 3 (jax backend)": run_keras(args.train_file, args.epochs, Path(tmp)),
+            "mnist-jax": run_ours(args.train_file, args.epochs, Path(tmp)),
+            # Checkpointing's cost: the same job saving only after its last epoch.
+            "mnist-jax, no ckpt": run_ours(
+                args.train_file, args.epochs, Path(tmp), "--checkpoint-every", str(args.epochs)
+            ),
+        }
     print(f"\n{args.epochs} epochs, {os.cpu_count()} CPU cores")
-    print(f"{'trainer':<24}{'median epoch s':>15}{'first epoch s':>14}{'job wall s':>11}{'peak RSS MB':>12}"
-          f"{'test acc':>9}{'GFLOP/s':>9}")
+    print(
+        f"{'trainer':<24}{'median epoch s':>15}{'first epoch s':>14}{'job wall s':>11}{'peak RSS MB':>12}"
+        f"{'test acc':>9}{'GFLOP/s':>9}"
+    )
     flops = 60000 * TRAIN_FLOPS_PER_EXAMPLE + 10000 * EVAL_FLOPS_PER_EXAMPLE
     for name, result in results.items():
         times = result["epoch_times"]
         result["median"] = statistics.median(times[1:] or times)
-        print(f"{name:<24}{result['median']:>15.3f}{times[0]:>14.3f}{result['wall_s']:>11.1f}{result['peak_mb']:>12.0f}"
-              f"{result['test_accuracy']:>9.4f}{flops / result['median'] / 1e9:>9.0f}")
+        print(
+            f"{name:<24}{result['median']:>15.3f}{times[0]:>14.3f}{result['wall_s']:>11.1f}{result['peak_mb']:>12.0f}"
+            f"{result['test_accuracy']:>9.4f}{flops / result['median'] / 1e9:>9.0f}"
+        )
     keras, ours, unsaved = results.values()
-    print(f"mnist-jax / keras: steady-state epoch {ours['median'] / keras['median']:.3f}, "
-          f"job wall time {ours['wall_s'] / keras['wall_s']:.3f}, peak memory {ours['peak_mb'] / keras['peak_mb']:.3f}")
+    print(
+        f"mnist-jax / keras: steady-state epoch {ours['median'] / keras['median']:.3f}, "
+        f"job wall time {ours['wall_s'] / keras['wall_s']:.3f}, peak memory {ours['peak_mb'] / keras['peak_mb']:.3f}"
+    )
     print(f"checkpoint every epoch costs {100 * (ours['median'] / unsaved['median'] - 1):+.1f}% of epoch time")
-    print(f"an epoch is {flops / 1e9:.1f} GFLOP (training {60000 * TRAIN_FLOPS_PER_EXAMPLE / 1e9:.1f}, "
-          f"evaluation {10000 * EVAL_FLOPS_PER_EXAMPLE / 1e9:.1f})")
+    print(
+        f"an epoch is {flops / 1e9:.1f} GFLOP (training {60000 * TRAIN_FLOPS_PER_EXAMPLE / 1e9:.1f}, "
+        f"evaluation {10000 * EVAL_FLOPS_PER_EXAMPLE / 1e9:.1f})"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ def free_port() -> int:
 
 def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mnist_jax.serve", "--model", model, "--port", str(port),
-                                *extra], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.serve", "--model", model, "--port", str(port), *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -67,15 +70,19 @@ async def load(url: str, bodies: list[bytes], expected: np.ndarray, clients: int
             next_index += 1
             image = i % len(bodies)
             started = time.perf_counter()
-            async with session.post(f"{url}/predict", data=bodies[image],
-                                    headers={"Content-Type": "application/json"}) as response:
+            async with session.post(
+                f"{url}/predict", data=bodies[image], headers={"Content-Type": "application/json"}
+            ) as response:
                 payload = await response.read()
                 if response.status != 200:
                     raise SystemExit(f"request {i} failed with {response.status}: {payload[:200]!r}")
             latencies.append(time.perf_counter() - started)
             (prediction,) = json.loads(payload)["predictions"]
             probabilities = np.asarray(prediction["probabilities"])
-            if prediction["label"] != int(expected[image].argmax()) or np.abs(probabilities - expected[image]).max() > 1e-5:
+            if (
+                prediction["label"] != int(expected[image].argmax())
+                or np.abs(probabilities - expected[image]).max() > 1e-5
+            ):
                 raise SystemExit(f"request {i}: wrong answer")
 
     connector = aiohttp.TCPConnector(limit=clients)

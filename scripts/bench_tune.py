@@ -23,9 +23,26 @@ from pathlib import Path
 
 
 def run_study(root: Path, name: str, trials: int, epochs: int, train_file: str, *extra: str) -> tuple[float, dict]:
-    command = [sys.executable, "-m", "mnist_jax.tune", "run", "--config", "configs/hptuning_config.yaml",
-               "--job-dir", str(root / name), "--max-trials", str(trials), "--parallel-trials", "1", *extra,
-               "--", "--train-file", train_file, "--epochs", str(epochs)]
+    command = [
+        sys.executable,
+        "-m",
+        "mnist_jax.tune",
+        "run",
+        "--config",
+        "configs/hptuning_config.yaml",
+        "--job-dir",
+        str(root / name),
+        "--max-trials",
+        str(trials),
+        "--parallel-trials",
+        "1",
+        *extra,
+        "--",
+        "--train-file",
+        train_file,
+        "--epochs",
+        str(epochs),
+    ]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / f"{name}-xla-cache")}
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -41,8 +58,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         one_wall, one = run_study(root, "one-at-a-time", args.trials, args.epochs, args.train_file)
-        vec_wall, vec = run_study(root, "vectorized", args.trials, args.epochs, args.train_file,
-                                  "--vectorize", str(args.trials))
+        vec_wall, vec = run_study(
+            root, "vectorized", args.trials, args.epochs, args.train_file, "--vectorize", str(args.trials)
+        )
     print(f"\n{args.trials} trials of {args.epochs} epochs, {os.cpu_count()} CPU cores")
     print(f"{'mode':<16}{'wall s':>9}{'trials/hour':>13}")
     for name, wall in (("one at a time", one_wall), ("vectorized", vec_wall)):

@@ -40,27 +40,61 @@ def trainer_env(devices: int = 1, env: dict | None = None) -> dict:
 
     The tuning metric goes to a throwaway file unless `env` says where.
     """
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "CLOUD_ML_HP_METRIC_FILE": os.devnull, **(env or {})}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "CLOUD_ML_HP_METRIC_FILE": os.devnull,
+        **(env or {}),
+    }
 
 
 TRAINER = [sys.executable, "-m", "mnist_jax.train"]
 
 
-def run_trainer(args: list[str], devices: int = 1, env: dict | None = None, timeout: float = 240,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """Runs `python -m mnist_jax.train` to completion in a fresh process."""
-    result = subprocess.run([*TRAINER, *args], cwd=REPO, env=trainer_env(devices, env),
-                            capture_output=True, text=True, timeout=timeout)
+def tiny_args(train_file, epochs: int = 2, batch_size: int = 32) -> list[str]:
+    """Trainer flags for a short run on a tiny dataset."""
+    return ["--train-file", str(train_file), "--epochs", str(epochs), "--batch-size", str(batch_size)]
+
+
+def run_module(
+    module: str,
+    args: list[str],
+    *,
+    devices: int = 1,
+    env: dict | None = None,
+    timeout: float = 300,
+    check: bool = False,
+    stdin: bytes | None = None,
+) -> subprocess.CompletedProcess:
+    """Runs `python -m mnist_jax.<module> ARGS` to completion in a fresh process (text output unless
+    `stdin` is bytes)."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"mnist_jax.{module}", *args],
+        cwd=REPO,
+        env=trainer_env(devices, env),
+        input=stdin,
+        capture_output=True,
+        text=stdin is None,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_trainer(
+    args: list[str], devices: int = 1, env: dict | None = None, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Runs `python -m mnist_jax.train` to completion in a fresh process."""
+    return run_module("train", args, devices=devices, env=env, timeout=timeout, check=check)
 
 
 def start_trainer(args: list[str], env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
     """Starts `python -m mnist_jax.train` in the background (one device)."""
-    return subprocess.Popen([*TRAINER, *args], cwd=REPO, env=trainer_env(1, env), stdout=stdout,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*TRAINER, *args], cwd=REPO, env=trainer_env(1, env), stdout=stdout, stderr=subprocess.PIPE, text=True
+    )
 
 
 def load_final_state(job_dir, hidden_units: int = 512):
@@ -73,8 +107,9 @@ def load_final_state(job_dir, hidden_units: int = 512):
 
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(f"{job_dir}/checkpoints"), keep=3)
     abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), 0, 0.001))
-    state, _ = ckpt.restore(ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()),
-                            {"hidden_units": hidden_units})
+    state, _ = ckpt.restore(
+        ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()), {"hidden_units": hidden_units}
+    )
     ckpt.close()
     return state
 
@@ -128,8 +163,18 @@ def slow_data(tmp_path_factory) -> Path:
 
 
 def job_args(train_file, job_dir, epochs=EPOCHS) -> list[str]:
-    return ["--train-file", str(train_file), "--job-dir", str(job_dir), "--epochs", str(epochs),
-            "--batch-size", "32", "--seed", "5"]
+    return [
+        "--train-file",
+        str(train_file),
+        "--job-dir",
+        str(job_dir),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--seed",
+        "5",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -155,6 +200,22 @@ def trained_job(tmp_path_factory) -> Path:
     train_file = root / "tiny.pkl"
     train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
     job_dir = root / "job"
-    run_trainer(["--train-file", str(train_file), "--job-dir", str(job_dir), "--epochs", "2", "--batch-size", "32",
-                 "--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"])
+    run_trainer(
+        [
+            "--train-file",
+            str(train_file),
+            "--job-dir",
+            str(job_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--dropout-one",
+            "0.3",
+            "--dropout-two",
+            "0.25",
+            "--learning-rate",
+            "0.002",
+        ]
+    )
     return job_dir

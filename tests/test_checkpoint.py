@@ -8,10 +8,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
-from conftest import (EPOCHS, STEPS_PER_EPOCH, assert_states_equal, job_args, load_final_state, run_trainer,
-                      start_trainer, wait_for)
 
+from conftest import (
+    EPOCHS,
+    STEPS_PER_EPOCH,
+    assert_states_equal,
+    job_args,
+    load_final_state,
+    run_trainer,
+    start_trainer,
+    wait_for,
+)
 
 
 def committed(job_dir: Path, epoch: int) -> bool:
@@ -28,7 +35,7 @@ def test_sigkill_twice_then_resume_is_bit_identical(slow_data, uninterrupted, tm
     for kill_after_epoch in (1, 3):
         process = start_trainer(job_args(slow_data, job_dir))
         # Kill the moment a checkpoint commits: the next epoch and, soon, its async save are in flight.
-        wait_for(lambda: committed(job_dir, kill_after_epoch), process)
+        wait_for(lambda epoch=kill_after_epoch: committed(job_dir, epoch), process)
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
         assert epochs_logged(job_dir)[-1] < EPOCHS
@@ -58,8 +65,10 @@ def test_more_epochs_trains_only_the_extra_ones(tiny_pickle, tmp_path):
     run_trainer([*args, "--epochs", "1"])
     result = run_trainer([*args, "--epochs", "3"])
     assert "Resuming from epoch 1 (step 4)" in result.stdout
-    assert [line.split(" - ")[0] for line in result.stdout.splitlines() if line.startswith("Epoch")] == \
-        ["Epoch 2/3", "Epoch 3/3"]
+    assert [line.split(" - ")[0] for line in result.stdout.splitlines() if line.startswith("Epoch")] == [
+        "Epoch 2/3",
+        "Epoch 3/3",
+    ]
     assert epochs_logged(tmp_path) == [1, 2, 3]
     again = run_trainer([*args, "--epochs", "3"])  # finished: reports, trains nothing
     assert "Epoch " not in again.stdout.replace("Resuming from epoch", "")
@@ -67,8 +76,22 @@ def test_more_epochs_trains_only_the_extra_ones(tiny_pickle, tmp_path):
 
 
 def test_keep_checkpoints(tiny_pickle, tmp_path):
-    run_trainer(["--train-file", str(tiny_pickle), "--job-dir", str(tmp_path), "--batch-size", "32",
-                 "--epochs", "5", "--keep-checkpoints", "2", "--checkpoint-every", "2"])
+    run_trainer(
+        [
+            "--train-file",
+            str(tiny_pickle),
+            "--job-dir",
+            str(tmp_path),
+            "--batch-size",
+            "32",
+            "--epochs",
+            "5",
+            "--keep-checkpoints",
+            "2",
+            "--checkpoint-every",
+            "2",
+        ]
+    )
     # Epochs 2 and 4 by the interval, 5 as the last; the newest two are kept.
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [16, 20]
 
@@ -89,6 +112,7 @@ def test_checkpoint_from_four_devices_resumes_on_one(tiny_pickle, tmp_path):
     assert "Resuming from epoch 1 (step 4)" in result.stdout
     run_trainer([*args, "--job-dir", str(tmp_path / "single"), "--epochs", "2"], devices=1)
     elastic, single = load_final_state(tmp_path / "elastic"), load_final_state(tmp_path / "single")
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(elastic.params),
-                                                           jax.tree.leaves(single.params)))
+    diff = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(elastic.params), jax.tree.leaves(single.params))
+    )
     assert diff < 1e-5

@@ -8,22 +8,27 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TRAINER, load_final_state, run_trainer, trainer_env
-from gcs import free_port
 
 from mnist_jax.config import parse_args
 from mnist_jax.errors import ConfigError
 from mnist_jax.parallel import COORDINATOR_PORT, Cluster, find_cluster, parse_cluster_spec
 
+from conftest import REPO, TRAINER, load_final_state, run_trainer, tiny_args, trainer_env
+from gcs import free_port
+
 
 def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path):
     base = tmp_path / "base"
     metric_file = tmp_path / "hypertune" / "output.metrics"
-    env = {"AIP_MODEL_DIR": f"{base}/model/", "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/",
-           "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs/", "CLOUD_ML_JOB_ID": "job-123", "CLOUD_ML_TRIAL_ID": "7",
-           "CLOUD_ML_HP_METRIC_FILE": str(metric_file)}
-    result = run_trainer(["--train-file", str(tiny_pickle), "--epochs", "2", "--batch-size", "32",
-                          "--dropout-one=0.3", "--dropout_two=0.25"], env=env)
+    env = {
+        "AIP_MODEL_DIR": f"{base}/model/",
+        "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/",
+        "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs/",
+        "CLOUD_ML_JOB_ID": "job-123",
+        "CLOUD_ML_TRIAL_ID": "7",
+        "CLOUD_ML_HP_METRIC_FILE": str(metric_file),
+    }
+    result = run_trainer([*tiny_args(tiny_pickle), "--dropout-one=0.3", "--dropout_two=0.25"], env=env)
     assert "Vertex AI job job-123, trial 7" in result.stdout
     assert (base / "model" / "model.h5").is_file()
     assert any(p.name.isdigit() for p in (base / "checkpoints").iterdir())
@@ -42,21 +47,31 @@ def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path)
 
 
 def test_flags_win_over_vertex_variables(tmp_path):
-    env = {"AIP_MODEL_DIR": "gs://b/base/model/", "AIP_CHECKPOINT_DIR": "gs://b/base/checkpoints/",
-           "AIP_TENSORBOARD_LOG_DIR": "gs://b/base/logs/"}
-    config = parse_args(["--job-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ck"), "--hpt-metric-tag=acc"],
-                        env)
+    env = {
+        "AIP_MODEL_DIR": "gs://b/base/model/",
+        "AIP_CHECKPOINT_DIR": "gs://b/base/checkpoints/",
+        "AIP_TENSORBOARD_LOG_DIR": "gs://b/base/logs/",
+    }
+    config = parse_args(
+        ["--job-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ck"), "--hpt-metric-tag=acc"], env
+    )
     assert config.job_dir == str(tmp_path) and config.checkpoint_dir == str(tmp_path / "ck")
     assert config.model_dir == "gs://b/base/model/" and config.tensorboard_dir == "gs://b/base/logs/"
     assert config.hpt_metric_tag == "acc"
     plain = parse_args([], {})
     assert (plain.model_dir, plain.checkpoint_dir, plain.tensorboard_dir) == (
-        "./tmp/mnist_mlp", "./tmp/mnist_mlp/checkpoints", "./tmp/mnist_mlp/logs")
+        "./tmp/mnist_mlp",
+        "./tmp/mnist_mlp/checkpoints",
+        "./tmp/mnist_mlp/logs",
+    )
 
 
 def test_cluster_spec_parsing():
-    spec = {"cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222", "w-2:2222"]},
-            "task": {"type": "workerpool1", "index": 1}, "environment": "cloud"}
+    spec = {
+        "cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222", "w-2:2222"]},
+        "task": {"type": "workerpool1", "index": 1},
+        "environment": "cloud",
+    }
     assert parse_cluster_spec(json.dumps(spec)) == Cluster(f"chief-0:{COORDINATOR_PORT}", 4, 2)
     spec["task"] = {"type": "workerpool0", "index": 0}
     assert parse_cluster_spec(json.dumps(spec)).process_id == 0
@@ -77,10 +92,28 @@ def test_cluster_spec_parsing():
 def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
     args = ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--dropout-one", "0.3"]
     port = free_port()
-    processes = [subprocess.Popen([*TRAINER, *args, "--job-dir", str(tmp_path / "two"),
-                                   "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)], cwd=REPO, env=trainer_env(1), text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [
+                *TRAINER,
+                *args,
+                "--job-dir",
+                str(tmp_path / "two"),
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            cwd=REPO,
+            env=trainer_env(1),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=240) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     assert "Training on 2 cpu device(s), 2 process(es)" in outputs[0][0]

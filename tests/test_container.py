@@ -10,10 +10,11 @@ import sysconfig
 
 import pytest
 import yaml
-from conftest import REPO
 
 from mnist_jax.config import parse_args
 from mnist_jax.serve import build_parser as build_serve_parser
+
+from conftest import REPO
 
 SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + [REPO / ".ci" / "run"]
 
@@ -31,7 +32,7 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
 
 def _instruction(dockerfile: str, name: str) -> list[str]:
     (line,) = [line for line in dockerfile.splitlines() if line.startswith(name + " ")]
-    return json.loads(line[len(name) + 1:])
+    return json.loads(line[len(name) + 1 :])
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])

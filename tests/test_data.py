@@ -11,10 +11,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import make_arrays
 
 from mnist_jax import data
 from mnist_jax.errors import DataError
+
+from conftest import make_arrays
 
 
 def _write(path, payload: bytes):
@@ -75,8 +76,9 @@ def test_reads_keras_npz(tmp_path):
 
 
 def test_npz_with_object_arrays_is_refused(tmp_path):
-    np.savez(tmp_path / "bad.npz", x_train=np.array([object()]), y_train=np.zeros(1),
-             x_test=np.zeros(1), y_test=np.zeros(1))
+    np.savez(
+        tmp_path / "bad.npz", x_train=np.array([object()]), y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1)
+    )
     with pytest.raises(DataError, match="not a valid"):
         data.load(str(tmp_path / "bad.npz"))
 
@@ -119,17 +121,20 @@ def _bad_cases(tmp_path):
         "text": (_write(tmp_path / "text.pkl", b"hello, world\n"), "not a valid MNIST pickle or npz"),
         "truncated": (_write(tmp_path / "trunc.pkl", good[: len(good) // 2]), "truncated"),
         "truncated_gzip": (_write(tmp_path / "trunc.gz", gzip.compress(good)[:500]), "truncated"),
-        "nesting": (_write(tmp_path / "three.pkl", pickle.dumps(((x, y), (x, y), (xt, yt)))),
-                    r"expected \(\(x_train, y_train\), \(x_test, y_test\)\), got a tuple of 3 items"),
+        "nesting": (
+            _write(tmp_path / "three.pkl", pickle.dumps(((x, y), (x, y), (xt, yt)))),
+            r"expected \(\(x_train, y_train\), \(x_test, y_test\)\), got a tuple of 3 items",
+        ),
         "not_arrays": (_write(tmp_path / "lists.pkl", pickle.dumps((([1], [2]), (xt, yt)))), "numpy arrays"),
         "shape": (_write(tmp_path / "shape.pkl", pickle.dumps(((x[:, :27, :27], y), (xt, yt)))), r"\(N, 28, 28\)"),
         "dtype": (_write(tmp_path / "dtype.pkl", pickle.dumps(((x.astype(np.float32), y), (xt, yt)))), "uint8"),
-        "label_dtype": (_write(tmp_path / "ldtype.pkl", pickle.dumps(((x, y.astype(float)), (xt, yt)))),
-                        "1-D integer"),
+        "label_dtype": (_write(tmp_path / "ldtype.pkl", pickle.dumps(((x, y.astype(float)), (xt, yt)))), "1-D integer"),
         "length": (_write(tmp_path / "len.pkl", pickle.dumps(((x, y[:-1]), (xt, yt)))), "100 images but 99 labels"),
         "labels": (_write(tmp_path / "labels.pkl", pickle.dumps(((x, y), (xt, yt + 10)))), r"labels must be in 0\.\.9"),
-        "empty_split": (_write(tmp_path / "esplit.pkl", pickle.dumps(((x, y), (xt[:0], yt[:0])))),
-                        "test split is empty"),
+        "empty_split": (
+            _write(tmp_path / "esplit.pkl", pickle.dumps(((x, y), (xt[:0], yt[:0])))),
+            "test split is empty",
+        ),
         "npz_keys": (_write(tmp_path / "keys.npz", _npz(a=x)), "lacks arrays"),
         "directory": (str(tmp_path), "directory|not a valid"),
     }
@@ -141,9 +146,26 @@ def _npz(**arrays) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "text", "truncated", "truncated_gzip", "nesting", "not_arrays",
-                                  "shape", "dtype", "label_dtype", "length", "labels", "empty_split", "npz_keys",
-                                  "directory"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "text",
+        "truncated",
+        "truncated_gzip",
+        "nesting",
+        "not_arrays",
+        "shape",
+        "dtype",
+        "label_dtype",
+        "length",
+        "labels",
+        "empty_split",
+        "npz_keys",
+        "directory",
+    ],
+)
 def test_bad_input_gets_clear_error(tmp_path, case):
     path, message = _bad_cases(tmp_path)[case]
     with pytest.raises(DataError, match=message):

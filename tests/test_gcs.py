@@ -10,11 +10,21 @@ import signal
 import fsspec
 import numpy as np
 import pytest
-from conftest import (EPOCHS, STEPS_PER_EPOCH, assert_states_equal, job_args, load_final_state, make_arrays,
-                      run_trainer, start_trainer, wait_for)
-from gcs import FaultyProxy
 
 from mnist_jax import data, export
+
+from conftest import (
+    EPOCHS,
+    STEPS_PER_EPOCH,
+    assert_states_equal,
+    job_args,
+    load_final_state,
+    make_arrays,
+    run_trainer,
+    start_trainer,
+    wait_for,
+)
+from gcs import FaultyProxy
 
 
 def _upload(path: str, payload: bytes) -> None:
@@ -49,8 +59,12 @@ def test_train_on_gcs_then_resume_with_more_epochs(gcs_env):
     args = ["--train-file", "gs://bucket/e2e/mnist.pkl.gz", "--job-dir", "gs://bucket/e2e/job", "--batch-size", "32"]
     run_trainer([*args, "--epochs", "2"], env=gcs_env)
     objects = _objects("bucket/e2e/job")
-    assert {"bucket/e2e/job/config.json", "bucket/e2e/job/metrics.jsonl", "bucket/e2e/job/model.h5",
-            "bucket/e2e/job/curves.png"} <= set(objects)
+    assert {
+        "bucket/e2e/job/config.json",
+        "bucket/e2e/job/metrics.jsonl",
+        "bucket/e2e/job/model.h5",
+        "bucket/e2e/job/curves.png",
+    } <= set(objects)
     assert any(o.startswith("bucket/e2e/job/logs/") and "events.out.tfevents" in o for o in objects)
     assert any(o.startswith("bucket/e2e/job/checkpoints/8/") and o.endswith("commit_success.txt") for o in objects)
     fs = fsspec.filesystem("gs")
@@ -85,8 +99,19 @@ def test_transient_faults_are_retried(gcs_env, fake_gcs):
     _upload("bucket/faults/mnist.pkl.gz", gzip.compress(pickle.dumps(make_arrays())))
     proxy = FaultyProxy(fake_gcs.port, plan=("503", "reset", "503"))
     try:
-        result = run_trainer(["--train-file", "gs://bucket/faults/mnist.pkl.gz", "--job-dir", "gs://bucket/faults/job",
-                              "--batch-size", "32", "--epochs", "2"], env=fake_gcs.env(proxy.url))
+        result = run_trainer(
+            [
+                "--train-file",
+                "gs://bucket/faults/mnist.pkl.gz",
+                "--job-dir",
+                "gs://bucket/faults/job",
+                "--batch-size",
+                "32",
+                "--epochs",
+                "2",
+            ],
+            env=fake_gcs.env(proxy.url),
+        )
     finally:
         proxy.shutdown()
     # Reads (GET) and writes (POST uploads) each met a 503 and a dropped connection, and were retried.
@@ -100,9 +125,15 @@ def test_transient_faults_are_retried(gcs_env, fake_gcs):
 
 
 def test_missing_bucket_is_a_one_line_error(gcs_env, tiny_pickle):
-    result = run_trainer(["--train-file", str(tiny_pickle), "--job-dir", "gs://no-such-bucket/job"],
-                         env=gcs_env, check=False, timeout=120)
+    result = run_trainer(
+        ["--train-file", str(tiny_pickle), "--job-dir", "gs://no-such-bucket/job"],
+        env=gcs_env,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == \
-        "error: cannot write gs://no-such-bucket/job/config.json: no such bucket"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: cannot write gs://no-such-bucket/job/config.json: no such bucket"
+    )
     assert "Traceback" not in result.stderr

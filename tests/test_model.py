@@ -14,7 +14,10 @@ def test_parameter_count_and_names():
     params = init_params(MLP(), jax.random.PRNGKey(0))
     assert count_params(params) == 669_706
     assert {k: v["kernel"].shape for k, v in params.items()} == {
-        "dense": (784, 512), "dense_1": (512, 512), "dense_2": (512, 10)}
+        "dense": (784, 512),
+        "dense_1": (512, 512),
+        "dense_2": (512, 10),
+    }
 
 
 def test_keras_initializers():

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
-from conftest import REPO, load_final_state, run_trainer, trainer_env
 
-TRIALS = [{"--dropout-one": "0.1", "--dropout-two": "0.4", "--learning-rate": "0.001", "--seed": "0"},
-          {"--dropout-one": "0.35", "--dropout-two": "0.0", "--learning-rate": "0.003", "--seed": "0"},
-          {"--dropout-one": "0.2", "--dropout-two": "0.2", "--learning-rate": "0.0005", "--seed": "7"}]
+from conftest import REPO, load_final_state, run_module, run_trainer, tiny_args
+
+TRIALS = [
+    {"--dropout-one": "0.1", "--dropout-two": "0.4", "--learning-rate": "0.001", "--seed": "0"},
+    {"--dropout-one": "0.35", "--dropout-two": "0.0", "--learning-rate": "0.003", "--seed": "0"},
+    {"--dropout-one": "0.2", "--dropout-two": "0.2", "--learning-rate": "0.0005", "--seed": "7"},
+]
 
 
-def _group(tmp_path, tiny_pickle, epochs, trials=TRIALS, extra=()):
-    group = [{"argv": ["--train-file", str(tiny_pickle), "--epochs", str(epochs), "--batch-size", "32",
-                       "--job-dir", str(tmp_path / f"vec-{i}"), *extra, *(f"{k}={v}" for k, v in flags.items())],
-              "env": {"CLOUD_ML_TRIAL_ID": str(i), "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / f"vec-{i}" / "hpt")}}
-             for i, flags in enumerate(trials)]
+def _group(tmp_path, tiny_pickle, epochs, trials=TRIALS):
+    group = [
+        {
+            "argv": [
+                *tiny_args(tiny_pickle, epochs),
+                "--job-dir",
+                str(tmp_path / f"vec-{i}"),
+                *(f"{k}={v}" for k, v in flags.items()),
+            ],
+            "env": {"CLOUD_ML_TRIAL_ID": str(i), "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / f"vec-{i}" / "hpt")},
+        }
+        for i, flags in enumerate(trials)
+    ]
     path = tmp_path / "group.json"
     path.write_text(json.dumps(group))
-    return subprocess.run([sys.executable, "-m", "mnist_jax.multitrial", str(path)], cwd=REPO, env=trainer_env(1),
-                          capture_output=True, text=True, timeout=300)
+    return run_module("multitrial", [str(path)])
 
 
 def test_each_trial_matches_its_solo_run_and_writes_its_own_outputs(tiny_pickle, tmp_path):
@@ -32,11 +40,12 @@ def test_each_trial_matches_its_solo_run_and_writes_its_own_outputs(tiny_pickle,
     assert "Training 3 trials in one program" in result.stdout
     for i, flags in enumerate(TRIALS):
         solo_dir = tmp_path / f"solo-{i}"
-        run_trainer(["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--job-dir",
-                     str(solo_dir), *(f"{k}={v}" for k, v in flags.items())])
+        run_trainer([*tiny_args(tiny_pickle, 1), "--job-dir", str(solo_dir), *(f"{k}={v}" for k, v in flags.items())])
         vec, solo = load_final_state(tmp_path / f"vec-{i}"), load_final_state(solo_dir)
         assert int(vec.step) == int(solo.step) == 4
-        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vec.params), jax.tree.leaves(solo.params)))
+        diff = max(
+            float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vec.params), jax.tree.leaves(solo.params))
+        )
         assert diff < 1e-5, (i, diff)
         job_dir = tmp_path / f"vec-{i}"
         config = json.loads((job_dir / "config.json").read_text())
@@ -68,10 +77,9 @@ def test_trials_must_share_shapes(tiny_pickle, tmp_path):
 
 def test_vectorized_study_equals_one_trial_at_a_time(tiny_pickle, tmp_path):
     def study(name, *args):
-        command = [sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(REPO / "configs/hptuning_config.yaml"),
-                   "--job-dir", str(tmp_path / name), "--max-trials", "3", *args, "--",
-                   "--train-file", str(tiny_pickle), "--epochs", "2", "--batch-size", "32"]
-        subprocess.run(command, cwd=REPO, env=trainer_env(1), check=True, capture_output=True, timeout=300)
+        config = str(REPO / "configs/hptuning_config.yaml")
+        run_args = ["run", "--config", config, "--job-dir", str(tmp_path / name), "--max-trials", "3", *args]
+        run_module("tune", [*run_args, "--", *tiny_args(tiny_pickle)], check=True)
         return json.loads((tmp_path / name / "study.json").read_text())
 
     one, vectorized = study("one"), study("vectorized", "--vectorize", "3")

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
 from PIL import Image
 
 from mnist_jax.predict import load_model
 
+from conftest import run_module
 
-def predict_cli(model, *args, stdin: bytes | None = None):
-    return subprocess.run([sys.executable, "-m", "mnist_jax.predict", "--model", str(model), *args], cwd=REPO,
-                          input=stdin, capture_output=True, timeout=120)
+
+def predict_cli(model, *args, stdin: bytes = b""):
+    return run_module("predict", ["--model", str(model), *args], stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +51,7 @@ def test_png(trained_job, pixels, expected, tmp_path):
 
 
 def test_instances_json_on_stdin_and_file_with_output(trained_job, pixels, expected, tmp_path):
-    body = {"instances": [pixels[0].tolist(), pixels[1].reshape(784).tolist(),
-                          (pixels[2].reshape(784) / 255).tolist()]}
+    body = {"instances": [pixels[0].tolist(), pixels[1].reshape(784).tolist(), (pixels[2].reshape(784) / 255).tolist()]}
     result = predict_cli(trained_job / "model.h5", stdin=json.dumps(body).encode())
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(_probabilities(result.stdout), expected[:3], atol=1e-6)
@@ -87,14 +84,32 @@ def _bad_inputs(tmp_path):
         "missing": (["--input", str(tmp_path / "nope.npy")], "cannot read input"),
         "no_instances": ([], 'expected a JSON object with an "instances" list', b'{"images": []}'),
         "short": ([], "instance 0 must be 784 or 28x28 numbers, got shape (3,)", b'{"instances": [[1, 2, 3]]}'),
-        "pixel_range": ([], "instance 0 has integer pixels outside 0..255", json.dumps({"instances": [[300] * 784]}).encode()),
+        "pixel_range": (
+            [],
+            "instance 0 has integer pixels outside 0..255",
+            json.dumps({"instances": [[300] * 784]}).encode(),
+        ),
         "strings": ([], "instance 0 must hold numbers", json.dumps({"instances": [["a"] * 784]}).encode()),
         "malformed": ([], "not a .npy, PNG or JSON file", b'{"instances": ['),
     }
 
 
-@pytest.mark.parametrize("case", ["shape", "range", "dtype", "png_size", "garbage", "missing", "no_instances", "short",
-                                  "pixel_range", "strings", "malformed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "shape",
+        "range",
+        "dtype",
+        "png_size",
+        "garbage",
+        "missing",
+        "no_instances",
+        "short",
+        "pixel_range",
+        "strings",
+        "malformed",
+    ],
+)
 def test_bad_input_is_a_one_line_error(trained_job, tmp_path, case):
     args, message, *stdin = _bad_inputs(tmp_path)[case]
     result = predict_cli(trained_job / "model.h5", *args, stdin=stdin[0] if stdin else b"")

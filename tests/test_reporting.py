@@ -10,7 +10,8 @@ from PIL import Image
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator",
-    reason="tensorboard (test extra) is needed to read the event files back")
+    reason="tensorboard (test extra) is needed to read the event files back",
+)
 
 
 def test_tensorboard_events_hold_the_epoch_metrics(trained_job):
@@ -19,8 +20,13 @@ def test_tensorboard_events_hold_the_epoch_metrics(trained_job):
     events = event_accumulator.EventAccumulator(str(run))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    expected = {"loss/train": "loss", "loss/validation": "val_loss", "accuracy/train": "accuracy",
-                "accuracy/validation": "val_accuracy", "epoch_time_s": "epoch_time_s"}
+    expected = {
+        "loss/train": "loss",
+        "loss/validation": "val_loss",
+        "accuracy/train": "accuracy",
+        "accuracy/validation": "val_accuracy",
+        "epoch_time_s": "epoch_time_s",
+    }
     for tag, key in expected.items():
         assert tag in scalars
         values = [(e.step, e.value) for e in events.Scalars(tag)]

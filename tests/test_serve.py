@@ -13,10 +13,11 @@ import time
 import fsspec
 import numpy as np
 import pytest
-from conftest import REPO
-from gcs import FaultyProxy, free_port
 
 from mnist_jax.predict import load_model
+
+from conftest import REPO
+from gcs import FaultyProxy, free_port
 
 MAX_INSTANCES = 8
 MAX_BODY = 64_000
@@ -28,9 +29,25 @@ class Server:
 
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_jax.serve", "--model", model, "--port", str(self.port),
-             "--max-instances", str(MAX_INSTANCES), "--max-body-bytes", str(MAX_BODY), *args],
-            cwd=REPO, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "mnist_jax.serve",
+                "--model",
+                model,
+                "--port",
+                str(self.port),
+                "--max-instances",
+                str(MAX_INSTANCES),
+                "--max-body-bytes",
+                str(MAX_BODY),
+                *args,
+            ],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -83,8 +100,13 @@ def _predict(server, instances) -> tuple[int, dict]:
 
 def test_predictions_equal_mnist_jax_predict(server, trained_job, digits):
     expected = load_model(str(trained_job / "model.h5"))(digits[:5].astype(np.float32) / 255)
-    instances = [digits[0].tolist(), digits[1].reshape(28, 28).tolist(), (digits[2] / 255).tolist(),
-                 digits[3].tolist(), digits[4].tolist()]
+    instances = [
+        digits[0].tolist(),
+        digits[1].reshape(28, 28).tolist(),
+        (digits[2] / 255).tolist(),
+        digits[3].tolist(),
+        digits[4].tolist(),
+    ]
     status, body = _predict(server, instances)
     assert status == 200
     probabilities = np.array([p["probabilities"] for p in body["predictions"]])
@@ -173,4 +195,6 @@ def test_unloadable_model_is_a_one_line_error(tmp_path):
     server = Server(str(tmp_path / "missing.h5"))
     _, stderr = server.process.communicate(timeout=120)
     assert server.process.returncode == 2
-    assert stderr.strip().splitlines()[-1] == f"error: cannot load the model: model file not found: {tmp_path}/missing.h5"
+    assert (
+        stderr.strip().splitlines()[-1] == f"error: cannot load the model: model file not found: {tmp_path}/missing.h5"
+    )

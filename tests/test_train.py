@@ -10,16 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_final_state, run_trainer, start_trainer
 
 from mnist_jax.model import MLP
 from mnist_jax.train import Hyperparams, create_train_state, epoch_batches, eval_step, train_step
 
+from conftest import load_final_state, run_trainer, start_trainer, tiny_args
+
 
 def _batch(n, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.integers(0, 256, (n, 784), dtype=np.uint8)),
-            jnp.asarray(rng.integers(0, 10, n).astype(np.int32)))
+    return (
+        jnp.asarray(rng.integers(0, 256, (n, 784), dtype=np.uint8)),
+        jnp.asarray(rng.integers(0, 10, n).astype(np.int32)),
+    )
 
 
 def test_padded_batch_equals_the_real_examples_alone():
@@ -72,14 +75,17 @@ def test_same_params_on_one_and_four_devices(tiny_pickle, tmp_path):
     assert "Training on 4 cpu device(s)" in four.stdout
     one_state, four_state = load_final_state(tmp_path / "one"), load_final_state(tmp_path / "four")
     assert int(one_state.step) == int(four_state.step) == 4
-    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one_state.params),
-                                                               jax.tree.leaves(four_state.params))]
+    diffs = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(four_state.params))
+    ]
     assert max(diffs) < 1e-5, diffs
 
 
 def test_batch_must_divide_over_devices(tiny_pickle, tmp_path):
-    result = run_trainer(["--train-file", str(tiny_pickle), "--batch-size", "30", "--job-dir", str(tmp_path)],
-                         devices=4, check=False)
+    result = run_trainer(
+        ["--train-file", str(tiny_pickle), "--batch-size", "30", "--job-dir", str(tmp_path)], devices=4, check=False
+    )
     assert result.returncode == 2
     assert "--batch-size 30 does not divide evenly over 4 devices" in result.stderr
     assert "Traceback" not in result.stderr
@@ -87,8 +93,7 @@ def test_batch_must_divide_over_devices(tiny_pickle, tmp_path):
 
 def test_cli_end_to_end(tiny_pickle, tmp_path):
     job_dir = tmp_path / "job"
-    result = run_trainer(["--train-file", str(tiny_pickle), "--epochs", "2", "--batch-size", "16",
-                          "--job-dir", str(job_dir), "--seed", "3"])
+    result = run_trainer([*tiny_args(tiny_pickle, batch_size=16), "--job-dir", str(job_dir), "--seed", "3"])
     out = result.stdout
     assert "Total params: 669,706" in out and "dropout_1 (Dropout, rate 0.2)" in out
     assert "100 train samples" in out and "40 test samples" in out
@@ -108,10 +113,13 @@ def test_cli_end_to_end(tiny_pickle, tmp_path):
     assert config["runtime"]["devices"] == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dropout-one", "1.5"], "error: argument --dropout-one/--dropout_one: must be in [0, 1), got 1.5"),
-    (["--train-file", "/nonexistent/mnist.pkl"], "error: train file not found: /nonexistent/mnist.pkl"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dropout-one", "1.5"], "error: argument --dropout-one/--dropout_one: must be in [0, 1), got 1.5"),
+        (["--train-file", "/nonexistent/mnist.pkl"], "error: train file not found: /nonexistent/mnist.pkl"),
+    ],
+)
 def test_cli_errors_are_one_line(args, message, tmp_path):
     result = run_trainer([*args, "--job-dir", str(tmp_path)], check=False)
     assert result.returncode == 2
@@ -120,8 +128,10 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
 
 def test_progress_bar_on_a_terminal(tiny_pickle, tmp_path):
     leader, follower = pty.openpty()
-    process = start_trainer(["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "4",
-                             "--job-dir", str(tmp_path)], stdout=follower)
+    process = start_trainer(
+        ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "4", "--job-dir", str(tmp_path)],
+        stdout=follower,
+    )
     os.close(follower)
     output = b""
     while True:

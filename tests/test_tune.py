@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, trainer_env
 
 from mnist_jax import tune
+
+from conftest import REPO, run_module, tiny_args
 
 CONFIGS = REPO / "configs"
 
@@ -23,35 +22,64 @@ def test_shipped_legacy_and_vertex_configs_agree():
     assert tune.to_vertex(legacy) == document
     assert (legacy.goal, legacy.metric, legacy.max_trials, legacy.parallel_trials) == ("MAXIMIZE", "accuracy", 4, 2)
     assert [(p.name, p.type, p.min_value, p.max_value, p.scale) for p in legacy.parameters] == [
-        (name, "DOUBLE", 0.1, 0.5, "UNIT_REVERSE_LOG_SCALE") for name in ("dropout-one", "dropout-two")]
+        (name, "DOUBLE", 0.1, 0.5, "UNIT_REVERSE_LOG_SCALE") for name in ("dropout-one", "dropout-two")
+    ]
 
 
 def test_convert_handles_every_type_and_scale(tmp_path):
-    legacy = {"trainingInput": {"hyperparameters": {
-        "goal": "MINIMIZE", "hyperparameterMetricTag": "loss", "maxTrials": 10, "maxParallelTrials": 3,
-        "maxFailedTrials": 2, "algorithm": "RANDOM_SEARCH", "enableTrialEarlyStopping": True,
-        "params": [
-            {"parameterName": "learning-rate", "type": "DOUBLE", "minValue": 1e-4, "maxValue": 1e-1,
-             "scaleType": "UNIT_LOG_SCALE"},
-            {"parameterName": "dropout-one", "type": "DOUBLE", "minValue": 0.1, "maxValue": 0.5,
-             "scaleType": "UNIT_LINEAR_SCALE"},
-            {"parameterName": "hidden-units", "type": "INTEGER", "minValue": 64, "maxValue": 1024,
-             "scaleType": "UNIT_REVERSE_LOG_SCALE"},
-            {"parameterName": "epochs", "type": "INTEGER", "minValue": 1, "maxValue": 5},
-            {"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["rmsprop", "adam"]},
-            {"parameterName": "batch-size", "type": "DISCRETE", "discreteValues": [64, 128, 256]}]}}}
+    legacy = {
+        "trainingInput": {
+            "hyperparameters": {
+                "goal": "MINIMIZE",
+                "hyperparameterMetricTag": "loss",
+                "maxTrials": 10,
+                "maxParallelTrials": 3,
+                "maxFailedTrials": 2,
+                "algorithm": "RANDOM_SEARCH",
+                "enableTrialEarlyStopping": True,
+                "params": [
+                    {
+                        "parameterName": "learning-rate",
+                        "type": "DOUBLE",
+                        "minValue": 1e-4,
+                        "maxValue": 1e-1,
+                        "scaleType": "UNIT_LOG_SCALE",
+                    },
+                    {
+                        "parameterName": "dropout-one",
+                        "type": "DOUBLE",
+                        "minValue": 0.1,
+                        "maxValue": 0.5,
+                        "scaleType": "UNIT_LINEAR_SCALE",
+                    },
+                    {
+                        "parameterName": "hidden-units",
+                        "type": "INTEGER",
+                        "minValue": 64,
+                        "maxValue": 1024,
+                        "scaleType": "UNIT_REVERSE_LOG_SCALE",
+                    },
+                    {"parameterName": "epochs", "type": "INTEGER", "minValue": 1, "maxValue": 5},
+                    {"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["rmsprop", "adam"]},
+                    {"parameterName": "batch-size", "type": "DISCRETE", "discreteValues": [64, 128, 256]},
+                ],
+            }
+        }
+    }
     path = tmp_path / "legacy.yaml"
     path.write_text(yaml.safe_dump(legacy))
-    result = subprocess.run([sys.executable, "-m", "mnist_jax.tune", "convert", str(path)], cwd=REPO,
-                            capture_output=True, text=True, check=True)
+    result = run_module("tune", ["convert", str(path)], check=True)
     vertex = yaml.safe_load(result.stdout)
     spec = vertex["studySpec"]
     assert spec["metrics"] == [{"metricId": "loss", "goal": "MINIMIZE"}] and spec["algorithm"] == "RANDOM_SEARCH"
     assert "medianAutomatedStoppingSpec" in spec
     assert (vertex["maxTrialCount"], vertex["parallelTrialCount"], vertex["maxFailedTrialCount"]) == (10, 3, 2)
     by_id = {p["parameterId"]: p for p in spec["parameters"]}
-    assert by_id["learning-rate"] == {"parameterId": "learning-rate", "scaleType": "UNIT_LOG_SCALE",
-                                      "doubleValueSpec": {"minValue": 1e-4, "maxValue": 1e-1}}
+    assert by_id["learning-rate"] == {
+        "parameterId": "learning-rate",
+        "scaleType": "UNIT_LOG_SCALE",
+        "doubleValueSpec": {"minValue": 1e-4, "maxValue": 1e-1},
+    }
     assert by_id["hidden-units"]["integerValueSpec"] == {"minValue": 64, "maxValue": 1024}
     assert by_id["hidden-units"]["scaleType"] == "UNIT_REVERSE_LOG_SCALE" and "scaleType" not in by_id["epochs"]
     assert by_id["optimizer"]["categoricalValueSpec"] == {"values": ["rmsprop", "adam"]}
@@ -74,13 +102,18 @@ def test_sampling_follows_the_scale_formulas(scale):
     x = np.array([parameter.sample(rng) for _ in range(20000)])
     assert x.min() >= a and x.max() <= b
     # Invert the formula: each sample must come from a uniform u.
-    u = {"UNIT_LINEAR_SCALE": (x - a) / (b - a),
-         "UNIT_LOG_SCALE": np.log(x / a) / np.log(b / a),
-         "UNIT_REVERSE_LOG_SCALE": 1 - np.log((a + b - x) / a) / np.log(b / a)}[scale]
+    u = {
+        "UNIT_LINEAR_SCALE": (x - a) / (b - a),
+        "UNIT_LOG_SCALE": np.log(x / a) / np.log(b / a),
+        "UNIT_REVERSE_LOG_SCALE": 1 - np.log((a + b - x) / a) / np.log(b / a),
+    }[scale]
     assert _uniform_ks(u) < 0.015  # the 1% critical value at n = 20000 is 0.0115; a wrong scale gives > 0.1
     median = np.median(x)
-    assert {"UNIT_LINEAR_SCALE": abs(median - 0.3) < 0.01, "UNIT_LOG_SCALE": median < 0.25,
-            "UNIT_REVERSE_LOG_SCALE": median > 0.35}[scale]
+    assert {
+        "UNIT_LINEAR_SCALE": abs(median - 0.3) < 0.01,
+        "UNIT_LOG_SCALE": median < 0.25,
+        "UNIT_REVERSE_LOG_SCALE": median > 0.35,
+    }[scale]
 
 
 def test_same_seed_draws_the_same_trials():
@@ -90,14 +123,13 @@ def test_same_seed_draws_the_same_trials():
 
 
 def _run_study(args, tmp_path, tiny_pickle):
-    return subprocess.run([sys.executable, "-m", "mnist_jax.tune", "run", "--job-dir", str(tmp_path / "study"),
-                           *args, "--", "--train-file", str(tiny_pickle), "--epochs", "2", "--batch-size", "32"],
-                          cwd=REPO, env=trainer_env(1), capture_output=True, text=True, timeout=600)
+    return run_module("tune", ["run", "--job-dir", str(tmp_path / "study"), *args, "--", *tiny_args(tiny_pickle)])
 
 
 def test_local_study_runs_real_trials_and_names_the_best(tiny_pickle, tmp_path):
-    result = _run_study(["--config", str(CONFIGS / "hptuning_config.yaml"), "--max-trials", "3", "--seed", "1"],
-                        tmp_path, tiny_pickle)
+    result = _run_study(
+        ["--config", str(CONFIGS / "hptuning_config.yaml"), "--max-trials", "3", "--seed", "1"], tmp_path, tiny_pickle
+    )
     assert result.returncode == 0, result.stderr
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert (study["goal"], study["metric"], study["status"]) == ("MAXIMIZE", "accuracy", "SUCCEEDED")
@@ -108,8 +140,10 @@ def test_local_study_runs_real_trials_and_names_the_best(tiny_pickle, tmp_path):
         job_dir = tmp_path / "study" / f"trial-{trial['id']}"
         assert trial["job_dir"] == str(job_dir)
         config = json.loads((job_dir / "config.json").read_text())
-        assert (config["dropout_one"], config["dropout_two"]) == (trial["params"]["dropout-one"],
-                                                                 trial["params"]["dropout-two"])
+        assert (config["dropout_one"], config["dropout_two"]) == (
+            trial["params"]["dropout-one"],
+            trial["params"]["dropout-two"],
+        )
         assert config["trial_id"] == str(trial["id"])
         final = json.loads((job_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert trial["metric"] == pytest.approx(final["val_accuracy"])
@@ -120,9 +154,15 @@ def test_local_study_runs_real_trials_and_names_the_best(tiny_pickle, tmp_path):
 
 
 def test_failed_trials_are_recorded_and_stop_the_study(tiny_pickle, tmp_path):
-    config = {"studySpec": {"metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}], "parameters": [
-        {"parameterId": "batch-size", "categoricalValueSpec": {"values": ["thirty-two"]}}]},
-        "maxTrialCount": 5, "parallelTrialCount": 1, "maxFailedTrialCount": 2}
+    config = {
+        "studySpec": {
+            "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
+            "parameters": [{"parameterId": "batch-size", "categoricalValueSpec": {"values": ["thirty-two"]}}],
+        },
+        "maxTrialCount": 5,
+        "parallelTrialCount": 1,
+        "maxFailedTrialCount": 2,
+    }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     result = _run_study(["--config", str(tmp_path / "bad.yaml")], tmp_path, tiny_pickle)
     assert result.returncode == 1
