@@ -83,9 +83,10 @@ def train_trials(configs: Sequence[Config]) -> Any:
     base = configs[0]
     mesh = parallel.make_mesh()
     parallel.check_batch_size(base.batch_size, mesh)
+    train_file = train.resolve_train_file(base)
     for config in configs:
-        train.write_config(config, train.resolve_train_file(config))
-    train_data, test_data, _ = train.load_data(base, mesh, print)
+        train.write_config(config, train_file)
+    train_data, test_data, _ = train.load_data(train_file, base.batch_size, mesh, print)
 
     model = MLP(hidden_units=base.hidden_units)
     ckpts = [
@@ -118,7 +119,7 @@ def train_trials(configs: Sequence[Config]) -> Any:
     hps = jax.device_put(stack([train.hyperparams(c) for c in configs]), replicated)
     reporters = [metrics.Reporter(c) for c in configs]
 
-    test_totals = evaluate(states.params, test_data)
+    test_totals = None
     try:
         for reporter in reporters:
             reporter.resume(start)
@@ -139,6 +140,8 @@ def train_trials(configs: Sequence[Config]) -> Any:
         for closable in [*ckpts, *reporters]:
             closable.close()
 
+    if test_totals is None:  # nothing was left to train
+        test_totals = evaluate(states.params, test_data)
     params, test_host = jax.device_get((states.params, test_totals))
     for k, config in enumerate(configs):
         print(f"[trial {config.trial_id or k}]")

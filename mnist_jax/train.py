@@ -180,13 +180,13 @@ def resolve_train_file(config: Config) -> str:
     return DEFAULT_TRAIN_FILE
 
 
-def load_data(config: Config, mesh: Mesh, say: Callable[..., None]) -> tuple[tuple, tuple, int]:
+def load_data(train_file: str, batch_size: int, mesh: Mesh, say: Callable[..., None]) -> tuple[tuple, tuple, int]:
     """Reads and places the dataset; returns train data, test data and steps per epoch."""
-    dataset = data.load(resolve_train_file(config))
+    dataset = data.load(train_file)
     say(f"{len(dataset.x_train)} train samples\n{len(dataset.x_test)} test samples")
     train_data, test_data = place_data(dataset, mesh)
     # The devices hold their copy; keeping the host's would only raise peak memory.
-    return train_data, test_data, -(-len(dataset.x_train) // config.batch_size)
+    return train_data, test_data, -(-len(dataset.x_train) // batch_size)
 
 
 # --- the loop --------------------------------------------------------------
@@ -273,9 +273,10 @@ def train_and_evaluate(config: Config) -> TrainState:
         say(f"Vertex AI job {config.job_id or '-'}, trial {config.trial_id or '-'}")
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
+    train_file = resolve_train_file(config)
     if is_main:
-        write_config(config, resolve_train_file(config))
-    train_data, test_data, steps_per_epoch = load_data(config, mesh, say)
+        write_config(config, train_file)
+    train_data, test_data, steps_per_epoch = load_data(train_file, config.batch_size, mesh, say)
 
     model = MLP(hidden_units=config.hidden_units)
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(config.checkpoint_dir), keep=config.keep_checkpoints)
@@ -293,7 +294,7 @@ def train_and_evaluate(config: Config) -> TrainState:
     run_epoch, evaluate = compile_steps(model, config, mesh, None if bar is None else lambda d: bar.update(int(d)))
     hp = jax.device_put(hyperparams(config), parallel.replicated(mesh))
 
-    test_totals = evaluate(state.params, test_data)  # replaced each epoch; reported if none is left to train
+    test_totals = None
     try:
         if reporter is not None:
             reporter.resume(int(state.epoch))
@@ -322,6 +323,8 @@ def train_and_evaluate(config: Config) -> TrainState:
         if reporter is not None:
             reporter.close()
 
+    if test_totals is None:  # nothing was left to train: report the restored model
+        test_totals = evaluate(state.params, test_data)
     if is_main:
         finish(config, jax.device_get(state.params), jax.device_get(test_totals), say)
     return state
