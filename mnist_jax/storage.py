@@ -105,4 +105,5 @@ def _guard(uri: str, action: Callable[[], T]) -> T:
     except (FileNotFoundError, IsADirectoryError):
         raise
     except OSError as e:
-        raise StorageError(f"storage error on {uri}: {e}") from e
+        detail = " ".join(str(e).split())  # one line, whatever the server's body held
+        raise StorageError(f"storage error on {uri}: {detail}") from e

@@ -132,9 +132,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.connection.close()
             self.close_connection = True
             return
-        if fault == "503":
-            payload = b'{"error": {"code": 503, "message": "injected"}}'
-            self.send_response(503)
+        if fault in ("503", "403"):
+            payload = json.dumps({"error": {"code": int(fault), "message": "injected"}}).encode()
+            self.send_response(int(fault))
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -162,7 +162,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 class FaultyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """Forwards HTTP to the emulator, but answers the first requests of each method
-    with the faults in `plan` (in order: '503' or 'reset'), then passes everything.
+    with the faults in `plan` (in order: '503', '403' or 'reset'), then passes everything.
     While `gate` is clear, requests wait: storage that has not answered yet."""
 
     daemon_threads = True

@@ -137,3 +137,19 @@ def test_missing_bucket_is_a_one_line_error(gcs_env, tiny_pickle):
         == "error: cannot write gs://no-such-bucket/job/config.json: no such bucket"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_permission_denied_is_a_one_line_error(fake_gcs, tiny_pickle):
+    proxy = FaultyProxy(fake_gcs.port, plan=("403",) * 1000)  # every request: 403 Forbidden
+    try:
+        result = run_trainer(
+            ["--train-file", str(tiny_pickle), "--job-dir", "gs://bucket/forbidden/job"],
+            env=fake_gcs.env(proxy.url),
+            check=False,
+            timeout=120,
+        )
+    finally:
+        proxy.shutdown()
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: storage error on gs://bucket/forbidden/job/config.json: Forbidden")
