@@ -89,12 +89,6 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         raise
 
 
-def upload_file_atomic(local_path: str, uri: str) -> None:
-    """Copies a finished local file to `uri` atomically (h5py cannot write to gs:// itself)."""
-    with open(local_path, "rb") as f:
-        write_bytes_atomic(uri, f.read())
-
-
 def _guard(uri: str, action: Callable[[], T]) -> T:
     """Runs a filesystem action, turning failures that outlived retries into StorageError.
 
