@@ -115,7 +115,6 @@ class TensorBoardLog:
         from tensorboardX import SummaryWriter
         from tensorboardX.summary import hparams as hparams_summaries
 
-        self.log_dir = log_dir
         self._writer = SummaryWriter(log_dir)
         for summary in hparams_summaries(hparams, {"accuracy/validation": 0.0}):
             self._writer.file_writer.add_summary(summary)

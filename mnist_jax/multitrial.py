@@ -61,7 +61,13 @@ def check_compatible(configs: Sequence[Config]) -> None:
 
 
 def stack(trees: Sequence[Any]) -> Any:
+    """One tree of the trials' trees, each leaf stacked along a new leading trial axis."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def trial(stacked: Any, k: int) -> Any:
+    """Trial `k`'s tree out of a stacked one."""
+    return jax.tree.map(lambda leaf: leaf[k], stacked)
 
 
 def vectorized_epoch(
@@ -130,12 +136,11 @@ def train_trials(configs: Sequence[Config]) -> Any:
             train_host, test_host = jax.device_get((train_totals, test_totals))
             seconds = time.perf_counter() - started
             for k, (config, reporter, ckpt) in enumerate(zip(configs, reporters, ckpts)):
-                pick = functools.partial(jax.tree.map, lambda x, k=k: x[k])
-                record = train.epoch_record(epoch, pick(train_host), pick(test_host), seconds)
+                record = train.epoch_record(epoch, trial(train_host, k), trial(test_host, k), seconds)
                 print(f"[trial {config.trial_id or k}] {metrics.epoch_line(record, base.epochs)}", flush=True)
                 reporter.write(record)
-                if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-                    ckpt.save(pick(states), train.checkpoint_meta(config, epoch))
+                if train.checkpoint_due(config, epoch):
+                    ckpt.save(trial(states, k), train.checkpoint_meta(config, epoch))
     finally:
         for closable in [*ckpts, *reporters]:
             closable.close()
@@ -145,9 +150,7 @@ def train_trials(configs: Sequence[Config]) -> Any:
     params, test_host = jax.device_get((states.params, test_totals))
     for k, config in enumerate(configs):
         print(f"[trial {config.trial_id or k}]")
-        train.finish(
-            config, jax.tree.map(lambda x, k=k: x[k], params), jax.tree.map(lambda x, k=k: x[k], test_host), print
-        )
+        train.finish(config, trial(params, k), trial(test_host, k), print)
     return states
 
 

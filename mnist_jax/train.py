@@ -192,6 +192,11 @@ def load_data(train_file: str, batch_size: int, mesh: Mesh, say: Callable[..., N
 # --- the loop --------------------------------------------------------------
 
 
+def checkpoint_due(config: Config, epoch: int) -> bool:
+    """Whether `epoch` ends with a checkpoint: every `checkpoint_every` epochs, and the last."""
+    return epoch % config.checkpoint_every == 0 or epoch == config.epochs
+
+
 def checkpoint_meta(config: Config, epoch: int) -> dict[str, Any]:
     """What a checkpoint records beside the state: the settings that shaped it, all settings, the epoch."""
     return {
@@ -311,7 +316,7 @@ def train_and_evaluate(config: Config) -> TrainState:
                 say(metrics.epoch_line(record, config.epochs), flush=True)
                 if reporter is not None:
                     reporter.write(record)
-                if epoch % config.checkpoint_every == 0 or epoch == config.epochs or preemption.requested:
+                if checkpoint_due(config, epoch) or preemption.requested:
                     ckpt.save(state, checkpoint_meta(config, epoch))
                 if preemption.requested:
                     raise Preempted(
