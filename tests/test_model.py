@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.random import threefry2x32_p
 
-from mnist_jax.model import MLP, count_params, dropout, init_params, keep_mask, make_optimizer
+from mnist_jax.model import MLP, count_params, dropout, init_params, keep_mask, make_optimizer, threefry2x32
 
 
 def test_parameter_count_and_names():
@@ -60,6 +61,24 @@ def test_keep_mask_rate_and_determinism():
     assert (mask != np.asarray(keep_mask(jax.random.PRNGKey(4), (256, 512), 0.2))).mean() > 0.2
     assert np.asarray(keep_mask(key, (8, 7), 0.0)).all()
     assert keep_mask(key, (8, 7), 0.5).shape == (8, 7)  # odd widths work
+
+
+def test_threefry_matches_jax_and_fixes_the_mask_stream():
+    key = jax.random.PRNGKey(11)
+    x0 = jnp.asarray(np.random.default_rng(0).integers(0, 2**32, (64, 96), dtype=np.uint32))
+    x1 = x0 ^ jnp.uint32(0x9E3779B9)
+    expected = jax.jit(lambda k, a, b: threefry2x32_p.bind(k[0], k[1], a, b))(key, x0, x1)
+    for got in (threefry2x32(key, x0, x1), jax.jit(threefry2x32)(key, x0, x1)):
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+    # The mask is word one of each hash for the first half of a row and word two for the
+    # rest, compared with rate * 2^32: the stream checkpoints and results depend on.
+    rows, cols, rate = 6, 9, 0.3
+    first = jnp.arange(rows, dtype=jnp.uint32)[:, None] * cols + jnp.arange(5, dtype=jnp.uint32)
+    low, high = threefry2x32_p.bind(key[0], key[1], first, first + 5)
+    bits = np.concatenate([low, high], axis=1)[:, :cols]
+    threshold = (np.float32(rate) * np.float32(2**32)).astype(np.uint32)
+    np.testing.assert_array_equal(keep_mask(key, (rows, cols), rate), bits >= threshold)
 
 
 def test_dropout_scales_kept_units():
