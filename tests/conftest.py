@@ -106,7 +106,7 @@ def load_final_state(job_dir, hidden_units: int = 512):
     from mnist_jax.train import create_train_state
 
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(f"{job_dir}/checkpoints"), keep=3)
-    abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), 0, 0.001))
+    abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), jax.random.PRNGKey(0), 0.001))
     state, _ = ckpt.restore(
         ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()), {"hidden_units": hidden_units}
     )

@@ -27,7 +27,7 @@ def _batch(n, seed=0):
 
 def test_padded_batch_equals_the_real_examples_alone():
     model = MLP()
-    state = create_train_state(model, 0, 0.001)
+    state = create_train_state(model, jax.random.PRNGKey(0), 0.001)
     x, y = _batch(96)
     # Padding rows hold garbage on purpose: weight 0 must make them irrelevant.
     x_pad = jnp.concatenate([x, jnp.full((32, 784), 255, jnp.uint8)])
@@ -57,7 +57,7 @@ def test_epoch_visits_every_example_once():
 
 def test_train_step_is_pure_and_uses_dropout():
     model = MLP()
-    state = create_train_state(model, 0, 0.001)
+    state = create_train_state(model, jax.random.PRNGKey(0), 0.001)
     batch = (*_batch(64), jnp.ones(64))
     hp = Hyperparams(jnp.float32(0.001), jnp.float32(0.5), jnp.float32(0.5))
     one, _ = train_step(state, batch, hp, model)
