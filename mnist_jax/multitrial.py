@@ -120,7 +120,11 @@ def train_trials(configs: Sequence[Config]) -> Any:
         out_shardings=replicated,
     )
     evaluate = jax.jit(
-        jax.vmap(functools.partial(train.eval_step, model=model), in_axes=(0, None)), out_shardings=replicated
+        jax.vmap(
+            functools.partial(train.evaluate, model=model, batch_sharding=parallel.batch_sharded(mesh)),
+            in_axes=(0, None),
+        ),
+        out_shardings=replicated,
     )
     hps = jax.device_put(stack([train.hyperparams(c) for c in configs]), replicated)
     reporters = [metrics.Reporter(c) for c in configs]

@@ -96,6 +96,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def steps_sharded(mesh: Mesh) -> NamedSharding:
+    """(steps, batch, ...) arrays: each step's batch split over the `data` axis."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     devices = mesh.shape[DATA_AXIS]
     if batch_size % devices:

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnist_jax import parallel
+from mnist_jax.data import Dataset
 from mnist_jax.model import MLP
-from mnist_jax.train import Hyperparams, create_train_state, epoch_batches, eval_step, train_step
+from mnist_jax.train import Hyperparams, create_train_state, epoch_batches, eval_step, evaluate, place_data, train_step
 
 from conftest import load_final_state, run_trainer, start_trainer, tiny_args
 
@@ -44,6 +46,19 @@ def test_padded_batch_equals_the_real_examples_alone():
     after_pad, _ = train_step(state, (x_pad, y_pad, w_pad), hp, model)
     for a, b in zip(jax.tree.leaves(after_real.params), jax.tree.leaves(after_pad.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_evaluation_in_steps_covers_the_whole_test_set():
+    model = MLP()
+    params = create_train_state(model, jax.random.PRNGKey(0), 0.001).params
+    x, y = _batch(2345, seed=1)
+    mesh = parallel.make_mesh()
+    _, test = place_data(Dataset(x[:8], y[:8], np.asarray(x), np.asarray(y)), mesh)
+    assert test[0].shape == (3, 1000, 784)  # the last step is padded with 655 weight-0 rows
+    stepped = evaluate(params, test, model=model, batch_sharding=parallel.batch_sharded(mesh))
+    whole = eval_step(params, (x, y, jnp.ones(2345)), model)
+    assert float(stepped.count) == 2345 and float(stepped.correct) == float(whole.correct)
+    np.testing.assert_allclose(stepped.loss_sum, whole.loss_sum, rtol=1e-5)
 
 
 def test_epoch_visits_every_example_once():
