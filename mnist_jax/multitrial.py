@@ -10,7 +10,8 @@ seed) and must agree on the rest. Their states are stacked along a leading
 axis, and one jitted program vmaps the trainer's own `train_epoch` over it, so
 each trial computes the same math as when it runs alone, in one program that
 is K times as wide: what an accelerator's idle width is for. (On the 2-core
-CPU it is no faster than K trials in a row; README has the numbers.) Each
+CPU an epoch of K trials costs what K solo epochs cost; only the start-ups of
+K - 1 processes are saved. README has the numbers.) Each
 trial's outputs (job dir, checkpoints, metrics, TensorBoard, tuning metric,
 model.h5) are written as if it had run alone; a rerun resumes all of them from
 their checkpoints.
