@@ -19,7 +19,6 @@ their checkpoints.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -71,19 +70,6 @@ def trial(stacked: Any, k: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[k], stacked)
 
 
-def vectorized_epoch(
-    states: Any, train_data: tuple, hps: Any, *, model: MLP, batch_size: int, batch_sharding: jax.sharding.Sharding
-) -> tuple[Any, Any]:
-    """One epoch of every trial: the trainer's own epoch, vmapped over the stacked states.
-
-    (Sharing one batch plan between trials of one seed, so that vmap folds the
-    first layer's K matmuls into one wide matmul, measured 30% slower on the
-    2-core CPU: the folds need transposes of the stacked weights every step.)
-    """
-    epoch = functools.partial(train.train_epoch, model=model, batch_size=batch_size, batch_sharding=batch_sharding)
-    return jax.vmap(epoch, in_axes=(0, None, 0))(states, train_data, hps)
-
-
 def train_trials(configs: Sequence[Config]) -> Any:
     """Trains the trials together; returns their stacked final states."""
     check_compatible(configs)
@@ -112,22 +98,11 @@ def train_trials(configs: Sequence[Config]) -> Any:
         + (f", resuming from epoch {start}" if start else "")
     )
 
-    replicated = parallel.replicated(mesh)
-    run_epoch = jax.jit(
-        functools.partial(
-            vectorized_epoch, model=model, batch_size=base.batch_size, batch_sharding=parallel.batch_sharded(mesh)
-        ),
-        donate_argnums=0,
-        out_shardings=replicated,
-    )
-    evaluate = jax.jit(
-        jax.vmap(
-            functools.partial(train.evaluate, model=model, batch_sharding=parallel.batch_sharded(mesh)),
-            in_axes=(0, None),
-        ),
-        out_shardings=replicated,
-    )
-    hps = jax.device_put(stack([train.hyperparams(c) for c in configs]), replicated)
+    # (Sharing one batch plan between trials of one seed, so that vmap folds the first layer's
+    # K matmuls into one wide matmul, measured 30% slower on the 2-core CPU: the folds need
+    # transposes of the stacked weights every step.)
+    run_epoch, evaluate = train.compile_steps(model, base.batch_size, mesh, trials=True)
+    hps = jax.device_put(stack([train.hyperparams(c) for c in configs]), parallel.replicated(mesh))
     reporters = [metrics.Reporter(c) for c in configs]
 
     test_totals = None

@@ -276,25 +276,26 @@ def restore_or_create(config: Config, model: MLP, mesh: Mesh, ckpt: checkpoint.C
     return state, True
 
 
-def compile_steps(model: MLP, config: Config, mesh: Mesh, progress: Callable | None) -> tuple[Callable, Callable]:
-    """The jitted epoch (state donated: updated in place) and evaluation functions."""
+def compile_steps(
+    model: MLP, batch_size: int, mesh: Mesh, progress: Callable | None = None, *, trials: bool = False
+) -> tuple[Callable, Callable]:
+    """The jitted epoch (state donated: updated in place) and evaluation functions.
+
+    With `trials`, both are vmapped over a leading trial axis of the state,
+    hyperparameters and params (the data is shared): many trials in one program.
+    """
+    sharding = parallel.batch_sharded(mesh)
+    epoch = functools.partial(
+        train_epoch, model=model, batch_size=batch_size, batch_sharding=sharding, progress=progress
+    )
+    test = functools.partial(evaluate, model=model, batch_sharding=sharding)
+    if trials:
+        epoch, test = jax.vmap(epoch, in_axes=(0, None, 0)), jax.vmap(test, in_axes=(0, None))
     replicated = parallel.replicated(mesh)
-    run_epoch = jax.jit(
-        functools.partial(
-            train_epoch,
-            model=model,
-            batch_size=config.batch_size,
-            batch_sharding=parallel.batch_sharded(mesh),
-            progress=progress,
-        ),
-        donate_argnums=0,
-        out_shardings=replicated,
+    return (
+        jax.jit(epoch, donate_argnums=0, out_shardings=replicated),
+        jax.jit(test, out_shardings=replicated),
     )
-    run_eval = jax.jit(
-        functools.partial(evaluate, model=model, batch_sharding=parallel.batch_sharded(mesh)),
-        out_shardings=replicated,
-    )
-    return run_epoch, run_eval
 
 
 def train_and_evaluate(config: Config) -> TrainState:
@@ -323,7 +324,9 @@ def train_and_evaluate(config: Config) -> TrainState:
 
     reporter = metrics.Reporter(config) if is_main else None
     bar = metrics.ProgressBar(steps_per_epoch) if is_main and sys.stdout.isatty() else None
-    run_epoch, run_eval = compile_steps(model, config, mesh, None if bar is None else lambda d: bar.update(int(d)))
+    run_epoch, run_eval = compile_steps(
+        model, config.batch_size, mesh, None if bar is None else lambda d: bar.update(int(d))
+    )
     hp = jax.device_put(hyperparams(config), parallel.replicated(mesh))
 
     test_totals = None
