@@ -177,15 +177,18 @@ def _validate_split(split: str, x: Any, y: Any, uri: str) -> tuple[np.ndarray, n
 # --- download and verify -------------------------------------------------
 
 
+def seed_format(dataset: Dataset) -> tuple:
+    """The seed's nesting and dtypes: ((x_train, y_train), (x_test, y_test)), x (N, 28, 28) uint8, y uint8."""
+    return (
+        (dataset.x_train.reshape(-1, 28, 28), dataset.y_train.astype(np.uint8)),
+        (dataset.x_test.reshape(-1, 28, 28), dataset.y_test.astype(np.uint8)),
+    )
+
+
 def verify(dataset: Dataset) -> None:
-    """Raises DataError unless the arrays are exactly MNIST (sha256 of each array)."""
-    arrays = {
-        "x_train": dataset.x_train.reshape(-1, 28, 28),
-        "y_train": dataset.y_train.astype(np.uint8),
-        "x_test": dataset.x_test.reshape(-1, 28, 28),
-        "y_test": dataset.y_test.astype(np.uint8),
-    }
-    for name, array in arrays.items():
+    """Raises DataError unless the arrays are exactly MNIST (sha256 of each array in the seed's format)."""
+    arrays = zip(MNIST_SHA256, (array for split in seed_format(dataset) for array in split))
+    for name, array in arrays:
         digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
         if digest != MNIST_SHA256[name]:
             raise DataError(
@@ -268,12 +271,8 @@ _SOURCES = (
 
 
 def to_pickle_bytes(dataset: Dataset) -> bytes:
-    """The seed's format: ((x_train, y_train), (x_test, y_test)), x (N, 28, 28) uint8, y uint8."""
-    seed_format = (
-        (dataset.x_train.reshape(-1, 28, 28), dataset.y_train.astype(np.uint8)),
-        (dataset.x_test.reshape(-1, 28, 28), dataset.y_test.astype(np.uint8)),
-    )
-    return pickle.dumps(seed_format, protocol=4)
+    """The seed's pickle of `dataset`."""
+    return pickle.dumps(seed_format(dataset), protocol=4)
 
 
 def download(out: str) -> None:
