@@ -217,10 +217,15 @@ def checkpoint_due(config: Config, epoch: int) -> bool:
     return epoch % config.checkpoint_every == 0 or epoch == config.epochs
 
 
+def shaping(config: Config) -> dict[str, Any]:
+    """The settings that fix a checkpoint's shapes, as this config has them."""
+    return {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS}
+
+
 def checkpoint_meta(config: Config, epoch: int) -> dict[str, Any]:
     """What a checkpoint records beside the state: the settings that shaped it, all settings, the epoch."""
     return {
-        "shaping": {key: getattr(config, key) for key in checkpoint.SHAPING_KEYS},
+        "shaping": shaping(config),
         "config": config.to_dict(),
         "epoch": epoch,
     }
@@ -271,8 +276,7 @@ def restore_or_create(config: Config, model: MLP, mesh: Mesh, ckpt: checkpoint.C
         # (0.35 s, not 0.8). The key is an argument, so all seeds share one cached program.
         create = jax.jit(fresh, out_shardings=replicated, compiler_options={"xla_backend_optimization_level": 0})
         return create(key), False
-    shaping = {name: getattr(config, name) for name in checkpoint.SHAPING_KEYS}
-    state, _ = ckpt.restore(latest, jax.eval_shape(fresh, key), replicated, shaping)
+    state, _ = ckpt.restore(latest, jax.eval_shape(fresh, key), replicated, shaping(config))
     return state, True
 
 
