@@ -1,21 +1,26 @@
-"""Checkpoints and preemption: save, find and restore training state with Orbax.
+"""Checkpoints and preemption: when to save, what a checkpoint records, save and restore with Orbax.
 
 Owns the checkpoint directory (`<job-dir>/checkpoints` unless set; local or gs://). Each checkpoint is keyed by the
-global step and holds the whole `TrainState` (params, optimizer state, step,
-epoch, base RNG key: everything the loop needs to continue bit-exactly) next to
-a small JSON record of what shaped it. Saves are asynchronous; Orbax commits a
-step only once it is complete, so a SIGKILL mid-save leaves an uncommitted
-directory that `latest_step()` ignores.
+global step and holds the whole `TrainState` (params, optimizer state with its
+learning rate, step, epoch, base RNG key: everything the loop needs to continue
+bit-exactly) next to a small JSON record of the settings that shaped it. Saves
+are asynchronous; Orbax commits a step only once it is complete, so a SIGKILL
+mid-save leaves an uncommitted directory that `latest_step()` ignores.
 
-SIGTERM (what cloud schedulers send before they stop a VM) only sets a flag;
-the loop finishes the epoch in flight, saves, waits and exits.
+Faults lose nothing and are said in one line:
+- a save that fails (no space, no permission, a storage error) raises
+  `SaveError` naming the cause and the newest good checkpoint, at the next
+  save or epoch-end check, so the job stops within an epoch;
+- an unreadable checkpoint (truncated data, damaged metadata) is set aside as
+  `<step>.unreadable` with a warning, and the newest readable one is restored;
+  only when none is readable is it an error.
+
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import types
+import re
 from typing import Any
 
 import jax
@@ -24,10 +29,28 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from mnist_jax import storage
+from mnist_jax.config import Config
 from mnist_jax.errors import CheckpointError
+from mnist_jax.log import logger
 
 # Settings that fix the shapes in a checkpoint: a different value cannot resume it.
 SHAPING_KEYS = ("hidden_units",)
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def checkpoint_due(config: Config, epoch: int) -> bool:
+    """Whether `epoch` ends with a checkpoint: every `checkpoint_every` epochs, and the last."""
+    return epoch % config.checkpoint_every == 0 or epoch == config.epochs
+
+
+def shaping(config: Config) -> dict[str, Any]:
+    """The settings that fix a checkpoint's shapes, as this config has them."""
+    return {key: getattr(config, key) for key in SHAPING_KEYS}
+
+
+def record(config: Config, epoch: int) -> dict[str, Any]:
+    """What a checkpoint records beside the state: the settings that shaped it, all settings, the epoch."""
+    return {"shaping": shaping(config), "config": config.to_dict(), "epoch": epoch}
 
 
 def manager_path(directory: str) -> str:
@@ -35,13 +58,36 @@ def manager_path(directory: str) -> str:
     return os.path.abspath(directory) if storage.is_local(directory) else directory
 
 
+class SaveError(CheckpointError):
+    """A checkpoint could not be written; the job must stop before it loses more."""
+
+
+def _cause(error: BaseException) -> str:
+    """The most specific one-line reason in an exception chain (an OS error's text when there is one)."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        # Tensorstore (Orbax's array writer) ends its messages with "<reason> [os_error_code=N]".
+        found = re.search(r"([A-Za-z][^:\[\]\"]*?) \[os_error_code=", str(e))
+        if found:
+            return found.group(1)
+    text = " ".join(str(chain[-1]).split()) or type(chain[-1]).__name__
+    return text[:300]
+
+
 class Checkpointer:
-    """An Orbax CheckpointManager with the trainer's save/restore vocabulary."""
+    """An Orbax CheckpointManager with the trainer's save/restore vocabulary and fault handling."""
 
     def __init__(self, directory: str, *, keep: int | None = None, create: bool = True) -> None:
         self.directory = directory
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-        self._manager = ocp.CheckpointManager(directory, options=options)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        self._manager = ocp.CheckpointManager(directory, options=self._options)
+        self._good = self._manager.latest_step()  # newest step known to be committed
+        self._in_flight: int | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -49,19 +95,75 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def _failed(self, step: int | None, error: BaseException) -> SaveError:
+        good = f"step {self._good}" if self._good is not None else "none"
+        return SaveError(
+            f"saving checkpoint step {step} to {self.directory} failed: {_cause(error)}; "
+            f"the newest good checkpoint is {good} (rerun the same command, once the cause is fixed, to resume)"
+        )
+
+    def _settle(self) -> None:
+        """Waits for the save in flight; it failed: SaveError, else it becomes the newest good one."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # any failure of Orbax's writer thread: named, not re-raised raw
+            raise self._failed(self._in_flight, e) from None
+        if self._in_flight is not None:
+            self._good, self._in_flight = self._in_flight, None
+
+    def check(self) -> None:
+        """Raises SaveError if a save that has already finished failed; never waits."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(self._in_flight, e) from None
+
     def save(self, state: Any, meta: dict[str, Any]) -> None:
-        """Starts an asynchronous save of `state` under its global step."""
+        """Starts an asynchronous save of `state` under its global step (after the previous one committed)."""
+        self._settle()
         step = int(jax.device_get(state.step))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._failed(step, e) from None
+        self._in_flight = step
 
-    def restore(self, step: int, abstract_state: Any, sharding: Sharding, shaping: dict[str, Any]) -> tuple[Any, dict]:
-        """Restores the state saved at `step` onto `sharding` (any device count).
+    def restore_latest(self, abstract_state: Any, sharding: Sharding, shaping: dict[str, Any]) -> Any | None:
+        """The newest readable checkpoint's state on `sharding` (any device count), or None if there is none.
 
         `abstract_state` gives the expected structure; `shaping` holds this run's
-        values of SHAPING_KEYS, compared with the checkpoint's before any array is read.
+        values of SHAPING_KEYS, compared with the checkpoint's before any array is
+        read (a mismatch is an error, not a damaged checkpoint). Unreadable newer
+        checkpoints are set aside, so the next save of their step finds room.
         """
-        meta = self.restore_meta(step)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+        unreadable = []
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.restore_meta(step)
+                self._check_shaping(step, meta, shaping)
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                state = self._manager.restore(step, args=args).state
+            except CheckpointError:
+                raise
+            except Exception as e:  # whatever the damage, the checkpoint cannot be used
+                logger.warning(f"checkpoint step {step} in {self.directory} is unreadable ({_cause(e)})")
+                unreadable.append(step)
+                continue
+            self._set_aside(unreadable)
+            self._good = step
+            if unreadable:
+                logger.warning(f"resuming from the newest readable checkpoint, step {step}")
+            return state
+        if unreadable:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} (steps {sorted(unreadable)} are damaged); "
+                "move it away to start afresh"
+            )
+        return None
+
+    def _check_shaping(self, step: int, meta: dict[str, Any], shaping: dict[str, Any]) -> None:
         saved = meta.get("shaping", {})
         changed = {k: (saved.get(k), v) for k, v in shaping.items() if saved.get(k) != v}
         if changed:
@@ -70,12 +172,17 @@ class Checkpointer:
                 f"checkpoint {self.directory} (step {step}) does not fit this model: {detail}; "
                 "use the original settings or a new --job-dir"
             )
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory} (step {step}) cannot be restored: {e}") from e
-        return restored.state, meta
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to `<step>.unreadable` (kept for a look, ignored by Orbax)."""
+        if not steps:
+            return
+        fs, root = storage.filesystem(self.directory)
+        for step in steps:
+            source = storage.join(root, str(step))
+            fs.mv(source, source + UNREADABLE_SUFFIX, recursive=True)
+            logger.warning(f"set aside {storage.join(self.directory, str(step))}{UNREADABLE_SUFFIX}")
+        self._manager.reload()
 
     def restore_params(self, step: int) -> Any:
         """The params saved at `step` as host arrays, without knowing the model's shapes."""
@@ -86,27 +193,11 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def close(self) -> None:
-        """Waits for pending asynchronous saves to commit, then releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-
-class PreemptionGuard:
-    """While active, SIGTERM sets `requested` instead of killing the process."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        self.requested = True
-
-    def __enter__(self) -> PreemptionGuard:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        """Waits for pending asynchronous saves to commit (SaveError if one failed), then releases the manager."""
+        try:
+            self._settle()
+        finally:
+            self._manager.close()
 
 
 def load_params(directory: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:

@@ -1,9 +1,14 @@
-"""The one configuration object: defaults, command-line flags, the environment, validation.
+"""The one configuration object: defaults, command-line flags, config files, the environment, validation.
 
-Nothing else in the package reads flags, and only this module and
+Nothing else in the package reads trainer flags, and only this module and
 `parallel.py` (for the cluster variables it owns) read the environment.
 `parse_args` turns argv and the environment into a frozen, validated `Config`;
 the trainer writes `Config.to_dict()` to the job dir's `config.json`.
+
+Each flag is declared once, in `FLAGS`, with its help; its default is the
+`Config` field's. `--config FILE` reads a job's `config.json` (or a YAML
+mapping of flags) as defaults, and flags given on the command line win, so
+`python -m mnist_jax.train --config JOB/config.json` reruns a job exactly.
 
 Vertex AI: where Vertex sets `AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR` and
 `AIP_TENSORBOARD_LOG_DIR`, `model.h5`, checkpoints and TensorBoard events go
@@ -24,8 +29,11 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import yaml
+
+from mnist_jax import log, storage
 from mnist_jax.errors import ConfigError
 
 DEFAULT_TRAIN_FILE = "data/mnist.pkl"
@@ -41,12 +49,13 @@ class Config:
     train_file: str | None = None
     job_dir: str = DEFAULT_JOB_DIR
     epochs: int = 20
-    batch_size: int = 128  # global batch, split evenly over all devices
+    batch_size: int = 128  # global batch, split evenly over the devices of a lane
     learning_rate: float = 0.001
     dropout_one: float = 0.2
     dropout_two: float = 0.2
     seed: int = 0
     hidden_units: int = 512  # width of both hidden layers; shapes the checkpoint
+    validation_split: float = 0.0  # fraction held out from the end of the training set; 0: validate on test
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     # Output locations; parse_args resolves them (flag, else Vertex variable, else under job_dir).
@@ -61,9 +70,16 @@ class Config:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    log_format: str = "text"
+    verbose: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Settings that come from the environment alone: config.json records them, --config ignores them.
+RECORDED_ONLY = ("hpt_metric_file", "job_id", "trial_id", "runtime")
+LOCATIONS = ("model_dir", "checkpoint_dir", "tensorboard_dir")
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -98,137 +114,199 @@ def _float_in(low: float, high: float, *, low_open: bool, high_open: bool) -> Ca
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are exceptions, so callers print one line."""
+def _text(value: str) -> str:
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_rate = _float_in(0, 1, low_open=False, high_open=True)
+
+
+class Flag(NamedTuple):
+    name: str  # the Config field
+    parse: Callable[[str], Any] | None  # None: a switch
+    help: str
+    metavar: str | None = None
+
+
+FLAGS = (
+    Flag(
+        "config",
+        _text,
+        "a job's config.json, or a YAML mapping of these flags, read as defaults; flags given here win (default: none)",
+        "FILE",
+    ),
+    Flag(
+        "train_file",
+        _text,
+        f"pickle/npz of ((x_train, y_train), (x_test, y_test)); local, file:// or gs:// "
+        f"(default: {DEFAULT_TRAIN_FILE}, downloaded if absent)",
+        "PATH",
+    ),
+    Flag(
+        "job_dir",
+        _text,
+        f"where outputs go; local or gs:// (default: the parent of $AIP_MODEL_DIR, else {DEFAULT_JOB_DIR})",
+        "DIR",
+    ),
+    Flag("epochs", _positive, "total epochs; a rerun with more trains only the extra ones"),
+    Flag("batch_size", _positive, "global batch size; must divide evenly over the devices"),
+    Flag("learning_rate", _float_in(0, math.inf, low_open=True, high_open=True), "RMSprop learning rate"),
+    Flag("dropout_one", _rate, "dropout rate after the first hidden layer, in [0, 1)"),
+    Flag("dropout_two", _rate, "dropout rate after the second hidden layer, in [0, 1)"),
+    Flag("seed", _int_at_least(0), "initialization, shuffling and dropout all derive from it"),
+    Flag("hidden_units", _positive, "width of both hidden layers"),
+    Flag(
+        "validation_split",
+        _rate,
+        "hold out this last fraction of the training set for the val_* metrics and the tuning metric; "
+        "0 validates on the test set",
+    ),
+    Flag("checkpoint_every", _positive, "save a checkpoint every N epochs (and always after the last)"),
+    Flag("keep_checkpoints", _positive, "how many of the newest checkpoints to keep"),
+    Flag("model_dir", _text, "where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)", "DIR"),
+    Flag(
+        "checkpoint_dir",
+        _text,
+        "checkpoint directory (default: $AIP_CHECKPOINT_DIR, else <job-dir>/checkpoints)",
+        "DIR",
+    ),
+    Flag(
+        "tensorboard_dir",
+        _text,
+        "TensorBoard log directory (default: $AIP_TENSORBOARD_LOG_DIR, else <job-dir>/logs)",
+        "DIR",
+    ),
+    Flag("hpt_metric_tag", _text, "tag of the validation accuracy reported to hyperparameter tuning", "TAG"),
+    Flag(
+        "coordinator_address",
+        _text,
+        "multi-host: address of process 0's coordinator (default: $CLUSTER_SPEC, else one process)",
+        "HOST:PORT",
+    ),
+    Flag("num_processes", _positive, "multi-host: number of processes (default: one process)"),
+    Flag("process_id", _int_at_least(0), "multi-host: this process's index (default: one process)"),
+    Flag("log_format", _choice(*log.FORMATS), "text, or json: one JSON object per line with severity and message"),
+    Flag("verbose", None, "also show the libraries' own logs and warnings"),
+)
+_FLAGS = {flag.name: flag for flag in FLAGS}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every flag's default: appended unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions, so callers print one line, and whose help shows defaults."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise ConfigError(message)
 
 
-def _add(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    dashed = "--" + name.replace("_", "-")
-    spellings = [dashed] if dashed == "--" + name else [dashed, "--" + name]
-    parser.add_argument(*spellings, dest=name, **kwargs)
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Declares the named `FLAGS` on `parser`, each in its dashed and underscored spelling."""
+    defaults = Config()
+    for name in names:
+        flag = _FLAGS[name]
+        dashed = "--" + name.replace("_", "-")
+        spellings = [dashed] if dashed == "--" + name else [dashed, "--" + name]
+        if flag.parse is None:
+            parser.add_argument(*spellings, dest=name, action="store_true", help=flag.help)
+            continue
+        default = None if name in ("config", "job_dir", *LOCATIONS) else getattr(defaults, name, None)
+        parser.add_argument(
+            *spellings, dest=name, type=flag.parse, default=default, metavar=flag.metavar, help=flag.help
+        )
+
+
+# The output flags every command-line entry point takes.
+OUTPUT_FLAGS = ("log_format", "verbose")
 
 
 def build_parser(prog: str = "python -m mnist_jax.train") -> argparse.ArgumentParser:
-    """The trainer's flags; defaults come from `Config`."""
-    defaults = Config()
-    parser = _Parser(prog=prog, allow_abbrev=False, description=__doc__.splitlines()[0])
-    positive_int = _int_at_least(1)
-    _add(
-        parser,
-        "train_file",
-        default=None,
-        metavar="PATH",
-        help=f"pickle/npz of ((x_train, y_train), (x_test, y_test)); local, file:// or gs:// "
-        f"(default: {DEFAULT_TRAIN_FILE}, downloaded if absent)",
-    )
-    _add(
-        parser,
-        "job_dir",
-        default=None,
-        metavar="DIR",
-        help=f"where outputs go; local or gs:// (default: the parent of $AIP_MODEL_DIR, else {DEFAULT_JOB_DIR})",
-    )
-    _add(parser, "epochs", type=positive_int, default=defaults.epochs)
-    _add(
-        parser,
-        "batch_size",
-        type=positive_int,
-        default=defaults.batch_size,
-        help="global batch size; must divide evenly over the devices",
-    )
-    _add(
-        parser,
-        "learning_rate",
-        type=_float_in(0, math.inf, low_open=True, high_open=True),
-        default=defaults.learning_rate,
-        help="RMSprop learning rate",
-    )
-    for name in ("dropout_one", "dropout_two"):
-        _add(
-            parser,
-            name,
-            type=_float_in(0, 1, low_open=False, high_open=True),
-            default=getattr(defaults, name),
-            help="dropout rate in [0, 1)",
-        )
-    _add(parser, "seed", type=_int_at_least(0), default=defaults.seed)
-    _add(parser, "hidden_units", type=positive_int, default=defaults.hidden_units)
-    _add(
-        parser,
-        "checkpoint_every",
-        type=positive_int,
-        default=defaults.checkpoint_every,
-        help="save a checkpoint every N epochs (and always after the last)",
-    )
-    _add(
-        parser,
-        "keep_checkpoints",
-        type=positive_int,
-        default=defaults.keep_checkpoints,
-        help="how many of the newest checkpoints to keep",
-    )
-    _add(
-        parser,
-        "model_dir",
-        default=None,
-        metavar="DIR",
-        help="where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)",
-    )
-    _add(
-        parser,
-        "checkpoint_dir",
-        default=None,
-        metavar="DIR",
-        help="checkpoint directory (default: $AIP_CHECKPOINT_DIR, else <job-dir>/checkpoints)",
-    )
-    _add(
-        parser,
-        "tensorboard_dir",
-        default=None,
-        metavar="DIR",
-        help="TensorBoard log directory (default: $AIP_TENSORBOARD_LOG_DIR, else <job-dir>/logs)",
-    )
-    _add(
-        parser,
-        "hpt_metric_tag",
-        default=defaults.hpt_metric_tag,
-        metavar="TAG",
-        help="tag of the validation accuracy reported to hyperparameter tuning",
-    )
-    _add(
-        parser,
-        "coordinator_address",
-        default=None,
-        metavar="HOST:PORT",
-        help="multi-host: address of process 0's coordinator",
-    )
-    _add(parser, "num_processes", type=positive_int, default=None, help="multi-host: number of processes")
-    _add(parser, "process_id", type=_int_at_least(0), default=None, help="multi-host: this process's index")
+    """The trainer's flags: all of `FLAGS`; defaults come from `Config`."""
+    parser = Parser(prog=prog, description="Train the Keras mnist_mlp data-parallel on every device.")
+    add_flags(parser, [flag.name for flag in FLAGS])
     return parser
 
 
-def _parent(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0]
+def _locations(job_dir: str) -> dict[str, str]:
+    """Where outputs go under `job_dir` when neither a flag nor Vertex says otherwise."""
+    base = job_dir.rstrip("/")
+    return {"model_dir": job_dir, "checkpoint_dir": f"{base}/checkpoints", "tensorboard_dir": f"{base}/logs"}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in a config.json or YAML of flags, parsed as their flags would be."""
+    try:
+        document = yaml.safe_load(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not JSON or YAML: {e}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    settings = {str(k).replace("-", "_"): v for k, v in document.items() if k not in RECORDED_ONLY}
+    unknown = sorted(set(settings) - set(_FLAGS) - {"config"})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown settings {', '.join(unknown)}")
+    # Locations that only follow the job dir are not pinned: `--job-dir NEW` moves them too.
+    derived = _locations(settings["job_dir"]) if settings.get("job_dir") else {}
+    values: dict[str, Any] = {}
+    for name, value in settings.items():
+        if value is None or name == "config" or derived.get(name) == value:
+            continue
+        flag = _FLAGS[name]
+        if flag.parse is None:
+            values[name] = bool(value)
+            continue
+        try:
+            values[name] = flag.parse(repr(value) if isinstance(value, float) else str(value))
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"--config {path}: {name}: {e}") from None
+    return values
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Parses trainer flags and the environment into a validated `Config`; raises `ConfigError`."""
+    """Parses trainer flags, a --config file and the environment into a validated `Config`; raises `ConfigError`."""
     env = os.environ if environ is None else environ
-    values = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    first = Parser(add_help=False)
+    first.add_argument("--config", type=_text, default=None)
+    config_file = first.parse_known_args(argv)[0].config
+    if config_file:
+        parser.set_defaults(**read_config_file(config_file))
+    values = vars(parser.parse_args(argv))
+    del values["config"]
     vertex_model_dir = env.get("AIP_MODEL_DIR")
     job_dir = values["job_dir"] or (_parent(vertex_model_dir) if vertex_model_dir else DEFAULT_JOB_DIR)
+    derived = _locations(job_dir)
+    vertex = {
+        "model_dir": vertex_model_dir,
+        "checkpoint_dir": env.get("AIP_CHECKPOINT_DIR"),
+        "tensorboard_dir": env.get("AIP_TENSORBOARD_LOG_DIR"),
+    }
     values.update(
         job_dir=job_dir,
-        model_dir=values["model_dir"] or vertex_model_dir or job_dir,
-        checkpoint_dir=values["checkpoint_dir"]
-        or env.get("AIP_CHECKPOINT_DIR")
-        or f"{job_dir.rstrip('/')}/checkpoints",
-        tensorboard_dir=values["tensorboard_dir"]
-        or env.get("AIP_TENSORBOARD_LOG_DIR")
-        or f"{job_dir.rstrip('/')}/logs",
+        **{name: values[name] or vertex[name] or derived[name] for name in LOCATIONS},
         hpt_metric_file=env.get("CLOUD_ML_HP_METRIC_FILE", DEFAULT_HPT_METRIC_FILE),
         job_id=env.get("CLOUD_ML_JOB_ID"),
         trial_id=env.get("CLOUD_ML_TRIAL_ID"),
@@ -241,3 +319,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             f"--process-id {values['process_id']} must be below --num-processes {values['num_processes']}"
         )
     return Config(**values)
+
+
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]

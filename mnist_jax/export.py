@@ -14,7 +14,6 @@ exports any saved checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -188,19 +187,23 @@ def read_model(uri: str) -> tuple[dict[str, dict[str, np.ndarray]], tuple[float,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mnist_jax import checkpoint  # imports JAX and Orbax: only this CLI needs them
+    from mnist_jax import checkpoint, config, log  # JAX and Orbax: only this CLI needs them
 
-    parser = argparse.ArgumentParser(prog="python -m mnist_jax.export", description="Export a checkpoint as model.h5.")
-    parser.add_argument("--checkpoint", required=True, help="a job's checkpoints directory (local or gs://)")
+    parser = config.Parser(prog="python -m mnist_jax.export", description="Export a checkpoint as model.h5.")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a job's checkpoints directory, local or gs:// (default: required)"
+    )
     parser.add_argument("--step", type=int, default=None, help="global step to export (default: the newest)")
-    parser.add_argument("--out", required=True, help="where to write the .h5 (local or gs://)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", required=True, help="where to write the .h5, local or gs:// (default: required)")
+    config.add_flags(parser, config.OUTPUT_FLAGS)
     try:
-        params, config, step = checkpoint.load_params(args.checkpoint, args.step)
-        write_model(args.out, params, (config["dropout_one"], config["dropout_two"]), config["learning_rate"])
+        args = parser.parse_args(argv)
+        log.configure(args.log_format, verbose=args.verbose)
+        params, saved, step = checkpoint.load_params(args.checkpoint, args.step)
+        write_model(args.out, params, (saved["dropout_one"], saved["dropout_two"]), saved["learning_rate"])
     except MnistJaxError as e:
         return report(e)
-    print(f"Wrote {args.out} from step {step} of {args.checkpoint}")
+    log.logger.info(f"Wrote {args.out} from step {step} of {args.checkpoint}")
     return 0
 
 

@@ -6,9 +6,9 @@ module returns logits; softmax lives in the loss (and in the exported Keras
 model). Layer names match Keras's (`dense`, `dense_1`, `dense_2`) so export is
 a plain renaming-free copy.
 
-Dropout rates and the learning rate are call-time values, not module fields,
-so they can be traced: changing them does not recompile, and they can be
-vmapped over.
+Dropout rates are call-time values, not module fields, and the learning rate
+lives in the optimizer's state: both are traced, so changing them does not
+recompile, and they can be vmapped over.
 """
 
 from __future__ import annotations
@@ -110,6 +110,14 @@ def count_params(params: Any) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(params))
 
 
-def make_optimizer(learning_rate: jax.Array | float) -> optax.GradientTransformation:
-    """Keras RMSprop: v = rho v + (1 - rho) g^2; w -= lr g / sqrt(v + eps)."""
-    return optax.rmsprop(learning_rate, decay=RMSPROP_RHO, eps=RMSPROP_EPSILON)
+# The learning rate is a value in the optimizer's state (so it is checkpointed, traced and vmappable);
+# the Keras constants stay constants of the program.
+_rmsprop = optax.inject_hyperparams(
+    optax.rmsprop, static_args=("decay", "eps", "initial_scale"), hyperparam_dtype=jnp.float32
+)
+
+
+def make_optimizer(learning_rate: jax.Array | float = 0.001) -> optax.GradientTransformation:
+    """Keras RMSprop: v = rho v + (1 - rho) g^2; w -= lr g / sqrt(v + eps). `learning_rate` sets the
+    initial state's rate; `update` reads the rate from the state, so one transformation updates every trial."""
+    return _rmsprop(learning_rate=learning_rate, decay=RMSPROP_RHO, eps=RMSPROP_EPSILON)

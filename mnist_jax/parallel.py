@@ -1,8 +1,10 @@
-"""Devices and hosts: multi-host start-up, the data-parallel mesh, and its shardings.
+"""Devices and hosts: multi-host start-up, the mesh of lanes and data, and its shardings.
 
-One mesh axis, `data`, spans every device of every process. Batches are split
-along it; params and optimizer state are replicated, so XLA averages gradients
-across devices inside the jitted step.
+The mesh has two axes over every device of every process: `trials`, along
+which the lanes (trials trained together) are spread, and `data`, along which
+each lane's batch is split. A lane's params and optimizer state are
+replicated along `data`, so XLA averages its gradients across those devices
+inside the jitted step. One lane (the solo job) puts every device on `data`.
 
 A job spanning hosts starts `jax.distributed` before any other JAX call, from
 (in order) the explicit `--coordinator-address/--num-processes/--process-id`,
@@ -13,6 +15,7 @@ This module owns those cluster variables; a single process starts nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -24,6 +27,7 @@ from mnist_jax.config import Config
 from mnist_jax.errors import ConfigError
 
 DATA_AXIS = "data"
+TRIALS_AXIS = "trials"
 # Vertex lists each replica as host:port for its own use; JAX's coordinator listens beside it.
 COORDINATOR_PORT = 8476
 
@@ -78,13 +82,18 @@ def initialize(config: Config) -> None:
         jax.distributed.initialize()
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices (all hosts).
+def make_mesh(lanes: int = 1) -> Mesh:
+    """A (trials, data) mesh over all devices (all hosts): as many devices along `trials` as divide
+    both the lane count and the device count, the rest along `data`.
 
     Auto axes: shardings are hints that XLA propagates (the batch constraint in
     the step), rather than part of every array's type.
     """
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    devices = jax.device_count()
+    trials = math.gcd(lanes, devices)
+    return jax.make_mesh(
+        (trials, devices // trials), (TRIALS_AXIS, DATA_AXIS), axis_types=(AxisType.Auto, AxisType.Auto)
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -99,6 +108,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def steps_sharded(mesh: Mesh) -> NamedSharding:
     """(steps, batch, ...) arrays: each step's batch split over the `data` axis."""
     return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
+def lanes_sharded(mesh: Mesh) -> NamedSharding:
+    """Stacked (lanes, ...) arrays: the lanes split over the `trials` axis, replicated along `data`."""
+    return NamedSharding(mesh, PartitionSpec(TRIALS_AXIS))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

@@ -11,7 +11,6 @@ instance 784 or 28x28 numbers, all integers 0..255 (pixels) or else floats in
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import export, storage
+from mnist_jax import config, export, log, storage
 from mnist_jax.data import IMAGE_PIXELS
 from mnist_jax.errors import DataError, MnistJaxError, report
 from mnist_jax.model import MLP
@@ -140,12 +139,16 @@ def predictions(probabilities: np.ndarray) -> dict[str, list[dict[str, Any]]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnist_jax.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model.h5 or a checkpoints directory (local or gs://)")
+    parser = config.Parser(prog="python -m mnist_jax.predict", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", required=True, help="a model.h5 or a checkpoints directory, local or gs:// (default: required)"
+    )
     parser.add_argument("--input", default=None, help=".npy, .png or instances JSON (default: JSON on stdin)")
     parser.add_argument("--output", default=None, help="where to write the JSON (default: stdout)")
-    args = parser.parse_args(argv)
+    config.add_flags(parser, config.OUTPUT_FLAGS)
     try:
+        args = parser.parse_args(argv)
+        log.configure(args.log_format, verbose=args.verbose)
         images = read_images(args.input)
         result = json.dumps(predictions(load_model(args.model)(images)))
         if args.output:

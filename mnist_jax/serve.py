@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from mnist_jax import config, log
 from mnist_jax.errors import DataError, MnistJaxError, report
 from mnist_jax.predict import images_from_instances, load_model, predictions
 
@@ -216,25 +217,35 @@ def create_app(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mnist_jax.serve", description=__doc__.splitlines()[0])
+    parser = config.Parser(prog="python -m mnist_jax.serve", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
         default=os.environ.get("AIP_STORAGE_URI"),
         help="model.h5, a directory holding it, or a checkpoints directory (default: $AIP_STORAGE_URI)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (a container passes 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("AIP_HTTP_PORT", "8080")))
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("AIP_HTTP_PORT", "8080")),
+        help="port (default: $AIP_HTTP_PORT, else 8080)",
+    )
     parser.add_argument("--max-batch", type=int, default=64, help="most images in one forward pass (1: no batching)")
     parser.add_argument(
         "--batch-timeout-ms", type=float, default=2.0, help="how long a batch waits for more requests after its first"
     )
     parser.add_argument("--max-instances", type=int, default=128, help="most instances in one request")
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
+    config.add_flags(parser, config.OUTPUT_FLAGS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except MnistJaxError as e:
+        return report(e)
+    log.configure(args.log_format, verbose=args.verbose)
     if not args.model:
         return report("no model: pass --model or set AIP_STORAGE_URI")
     app = create_app(

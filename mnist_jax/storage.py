@@ -73,6 +73,14 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         except FileNotFoundError:
             raise StorageError(f"cannot write {uri}: no such bucket") from None
         return
+    try:
+        _write_local_atomic(path, data)
+    except OSError as e:
+        raise StorageError(f"cannot write {uri}: {e.strerror or e}") from None
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    """A temporary name in the same directory, fsync, then rename: the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

@@ -28,6 +28,28 @@ def make_arrays(n_train: int = 100, n_test: int = 40, seed: int = 0, flat: bool 
     return split(n_train), split(n_test)
 
 
+def make_learnable(n_train: int = 600, n_test: int = 200, seed: int = 0):
+    """Images whose label is the one of ten pixel bands that is brighter: learnt in an epoch at a good
+    learning rate and not at a tiny one, so the rate shows in the accuracy."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 128, (n, 784), dtype=np.uint8)
+        for label in range(10):
+            x[y == label, label * 78 : (label + 1) * 78] += 100
+        return x.reshape(n, 28, 28), y
+
+    return split(n_train), split(n_test)
+
+
+@pytest.fixture(scope="session")
+def learnable_pickle(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("learnable") / "learnable.pkl"
+    path.write_bytes(pickle.dumps(make_learnable()))
+    return path
+
+
 @pytest.fixture
 def tiny_pickle(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.pkl"
@@ -103,13 +125,11 @@ def load_final_state(job_dir, hidden_units: int = 512):
 
     from mnist_jax import checkpoint, parallel
     from mnist_jax.model import MLP
-    from mnist_jax.train import create_train_state
+    from mnist_jax.steps import create_train_state
 
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(f"{job_dir}/checkpoints"), keep=3)
     abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), jax.random.PRNGKey(0), 0.001))
-    state, _ = ckpt.restore(
-        ckpt.latest_step(), abstract, parallel.replicated(parallel.make_mesh()), {"hidden_units": hidden_units}
-    )
+    state = ckpt.restore_latest(abstract, parallel.replicated(parallel.make_mesh()), {"hidden_units": hidden_units})
     ckpt.close()
     return state
 

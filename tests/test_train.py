@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mnist_jax import parallel
-from mnist_jax.data import Dataset
+from mnist_jax.data import Dataset, place
 from mnist_jax.model import MLP
-from mnist_jax.train import Hyperparams, create_train_state, epoch_batches, eval_step, evaluate, place_data, train_step
+from mnist_jax.steps import Hyperparams, create_train_state, epoch_batches, eval_step, evaluate, train_step
 
 from conftest import load_final_state, run_trainer, start_trainer, tiny_args
 
@@ -35,7 +35,7 @@ def test_padded_batch_equals_the_real_examples_alone():
     x_pad = jnp.concatenate([x, jnp.full((32, 784), 255, jnp.uint8)])
     y_pad = jnp.concatenate([y, jnp.full(32, 7, jnp.int32)])
     w_pad = jnp.concatenate([jnp.ones(96), jnp.zeros(32)])
-    hp = Hyperparams(jnp.float32(0.001), jnp.float32(0.0), jnp.float32(0.0))
+    hp = Hyperparams(jnp.float32(0.0), jnp.float32(0.0))
 
     real = eval_step(state.params, (x, y, jnp.ones(96)), model)
     padded = eval_step(state.params, (x_pad, y_pad, w_pad), model)
@@ -53,7 +53,7 @@ def test_evaluation_in_steps_covers_the_whole_test_set():
     params = create_train_state(model, jax.random.PRNGKey(0), 0.001).params
     x, y = _batch(2345, seed=1)
     mesh = parallel.make_mesh()
-    _, test = place_data(Dataset(x[:8], y[:8], np.asarray(x), np.asarray(y)), mesh)
+    test = place(Dataset(x[:8], y[:8], np.asarray(x), np.asarray(y)), mesh).validation
     assert test[0].shape == (3, 1000, 784)  # the last step is padded with 655 weight-0 rows
     stepped = evaluate(params, test, model=model, batch_sharding=parallel.batch_sharded(mesh))
     whole = eval_step(params, (x, y, jnp.ones(2345)), model)
@@ -74,7 +74,7 @@ def test_train_step_is_pure_and_uses_dropout():
     model = MLP()
     state = create_train_state(model, jax.random.PRNGKey(0), 0.001)
     batch = (*_batch(64), jnp.ones(64))
-    hp = Hyperparams(jnp.float32(0.001), jnp.float32(0.5), jnp.float32(0.5))
+    hp = Hyperparams(jnp.float32(0.5), jnp.float32(0.5))
     one, _ = train_step(state, batch, hp, model)
     two, _ = train_step(state, batch, hp, model)
     np.testing.assert_array_equal(one.params["dense"]["kernel"], two.params["dense"]["kernel"])
@@ -162,3 +162,25 @@ def test_progress_bar_on_a_terminal(tiny_pickle, tmp_path):
     text = output.decode()
     assert "\r10/25 [" in text and "\r20/25 [" in text  # drawn every 10 of the 25 steps
     assert "Epoch 1/1 - " in text
+
+
+def test_validation_split_validates_on_held_out_training_examples(tmp_path):
+    import pickle
+
+    from mnist_jax.predict import load_model
+
+    from conftest import make_arrays
+
+    (x, y), (xt, yt) = make_arrays(n_train=100, n_test=40)
+    (tmp_path / "data.pkl").write_bytes(pickle.dumps(((x, y), (xt, yt))))
+    job_dir = tmp_path / "job"
+    result = run_trainer([*tiny_args(tmp_path / "data.pkl"), "--validation-split", "0.2", "--job-dir", str(job_dir)])
+    assert (
+        "80 train samples\n20 validation samples (the last 0.2 of the training set)\n40 test samples" in result.stdout
+    )
+    predict = load_model(str(job_dir / "model.h5"))
+    final = json.loads((job_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    held_out = predict(x[80:].reshape(20, 784).astype(np.float32) / 255).argmax(1)
+    assert final["val_accuracy"] == pytest.approx(np.mean(held_out == y[80:]))
+    test = predict(xt.reshape(40, 784).astype(np.float32) / 255).argmax(1)
+    assert f"Test accuracy: {np.mean(test == yt):.4f}" in result.stdout

@@ -1,0 +1,220 @@
+"""The one training loop with K lanes: each lane's math equals its trial alone, refills without compiling,
+stops, device-count invariance, and SIGTERM to a group of lanes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from mnist_jax import loop
+from mnist_jax.config import parse_args
+
+from conftest import REPO, assert_states_equal, load_final_state, tiny_args, trainer_env, wait_for
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class Recorder:
+    """A trial source that hands out fixed trials, records what the loop says, and stops on request."""
+
+    def __init__(self, configs, stop_after=None, on_done=None):
+        self.pending = list(configs)
+        self.stop_after = stop_after or {}
+        self.records = collections.defaultdict(list)
+        self.outcomes = {}
+        self.lines = collections.defaultdict(list)
+        self.on_done = on_done
+
+    def next_trial(self):
+        return self.pending.pop(0) if self.pending else None
+
+    def epoch_done(self, config, record):
+        self.records[config.trial_id].append(record)
+        return self.stop_after.get(config.trial_id) == record["epoch"]
+
+    def trial_done(self, config, outcome):
+        self.outcomes[config.trial_id] = outcome
+        if self.on_done is not None:
+            self.on_done()
+
+    def say(self, config, message):
+        self.lines[config.trial_id].append(message)
+
+
+TRIALS = [  # (epochs, flags): different epochs, so lanes refill at different times
+    (1, ["--dropout-one=0.1", "--dropout-two=0.4", "--learning-rate=0.001"]),
+    (3, ["--dropout-one=0.35", "--dropout-two=0.0", "--learning-rate=0.003"]),
+    (2, ["--seed=7", "--learning-rate=0.0005"]),
+    (1, ["--seed=3"]),
+    (2, ["--dropout-one=0.25", "--seed=11"]),
+]
+
+
+def _configs(tmp_path, train_file, name, trials=TRIALS):
+    return [
+        parse_args(
+            [*tiny_args(train_file, epochs), "--job-dir", str(tmp_path / f"{name}-{i}"), *flags],
+            {"CLOUD_ML_TRIAL_ID": str(i), "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / f"{name}-{i}" / "hpt")},
+        )
+        for i, (epochs, flags) in enumerate(trials)
+    ]
+
+
+def test_lanes_refill_without_compiling_and_each_trial_equals_its_solo_run(tiny_pickle, tmp_path):
+    compiles, after_first_trial = [], []
+
+    def count(event, duration, **kwargs):
+        if event == BACKEND_COMPILE:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        configs = _configs(tmp_path, tiny_pickle, "lane")
+        source = Recorder(configs, on_done=lambda: after_first_trial.append(len(compiles)))
+        loop.train_lanes(configs[0], source, lanes=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    # Every program was compiled by the time the first trial left its lane; four trials came after.
+    assert len(compiles) == after_first_trial[0] > 0
+    assert {k: o.status for k, o in source.outcomes.items()} == {str(i): "SUCCEEDED" for i in range(len(TRIALS))}
+    assert {k: [r["epoch"] for r in records] for k, records in source.records.items()} == {
+        str(i): list(range(1, epochs + 1)) for i, (epochs, _) in enumerate(TRIALS)
+    }
+    # The same trials one after another in one lane: the solo job's program (a lane of one is the solo job).
+    solos = _configs(tmp_path, tiny_pickle, "solo")
+    loop.train_lanes(solos[0], Recorder(solos), lanes=1)
+    for config, solo in zip(configs, solos):
+        lane, alone = load_final_state(config.job_dir), load_final_state(solo.job_dir)
+        assert int(lane.step) == int(alone.step) == 4 * config.epochs
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(lane), jax.tree.leaves(alone)))
+        assert diff < 1e-5, (config.trial_id, diff)
+        job_dir = tmp_path / f"lane-{config.trial_id}"
+        assert (job_dir / "model.h5").is_file() and (job_dir / "curves.png").is_file()
+        assert json.loads((job_dir / "config.json").read_text())["trial_id"] == config.trial_id
+        lane_metrics = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+        solo_metrics = [json.loads(line) for line in (Path(solo.job_dir) / "metrics.jsonl").read_text().splitlines()]
+        for a, b in zip(lane_metrics, solo_metrics, strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+        hpt = [json.loads(line) for line in (job_dir / "hpt").read_text().splitlines()]
+        assert [h["trial"] for h in hpt] == [config.trial_id] * config.epochs
+        assert source.lines[config.trial_id][-1] == f"Saved {job_dir}/model.h5"
+
+
+def test_a_stopped_trial_is_saved_and_frees_its_lane(tiny_pickle, tmp_path):
+    configs = _configs(tmp_path, tiny_pickle, "stop", trials=[(3, []), (2, ["--seed=1"]), (1, ["--seed=2"])])
+    source = Recorder(configs, stop_after={"0": 1})
+    loop.train_lanes(configs[0], source, lanes=2)
+    assert source.outcomes["0"] == loop.Outcome("STOPPED", 1)
+    assert [o.status for o in source.outcomes.values()] == ["STOPPED", "SUCCEEDED", "SUCCEEDED"]
+    stopped = tmp_path / "stop-0"
+    assert int(load_final_state(stopped).epoch) == 1 and not (stopped / "model.h5").exists()
+    # The stopped trial's lane went to trial 2, which started after it and ended with trial 1.
+    assert [r["epoch"] for r in source.records["2"]] == [1]
+
+
+def _grid(path, values):
+    config = {
+        "studySpec": {
+            "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
+            "parameters": [
+                {"parameterId": "learning-rate", "discreteValueSpec": {"values": values}},
+                {"parameterId": "dropout-one", "discreteValueSpec": {"values": [0.1, 0.3]}},
+            ],
+            "algorithm": "GRID_SEARCH",
+        },
+        "maxTrialCount": 2 * len(values),
+        "parallelTrialCount": 1,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _tune(args, devices=1, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_jax.tune", "run", *args],
+        cwd=REPO,
+        env=trainer_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
+    study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])
+    for devices in (1, 4):
+        result = _tune(
+            [
+                "--config",
+                study,
+                "--job-dir",
+                str(tmp_path / f"d{devices}"),
+                "--vectorize",
+                "2",
+                "--",
+                *tiny_args(tiny_pickle, 1),
+            ],
+            devices=devices,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"Training on {devices} cpu device(s), 1 process(es), 2 lanes" in result.stdout
+    one = json.loads((tmp_path / "d1/study.json").read_text())["trials"]
+    four = json.loads((tmp_path / "d4/study.json").read_text())["trials"]
+    assert [t["params"] for t in one] == [t["params"] for t in four]
+    for t in one:
+        a, b = load_final_state(tmp_path / f"d1/trial-{t['id']}"), load_final_state(tmp_path / f"d4/trial-{t['id']}")
+        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+        assert diff < 1e-5, diff
+        m1 = [json.loads(x) for x in (tmp_path / f"d1/trial-{t['id']}/metrics.jsonl").read_text().splitlines()]
+        m4 = [json.loads(x) for x in (tmp_path / f"d4/trial-{t['id']}/metrics.jsonl").read_text().splitlines()]
+        assert abs(m1[0]["loss"] - m4[0]["loss"]) < 1e-5 and abs(m1[0]["val_loss"] - m4[0]["val_loss"]) < 1e-5
+
+
+def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_data, tmp_path):
+    study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])
+    trainer = [*tiny_args(slow_data, 4), "--seed", "5", "--checkpoint-every", "3"]
+
+    def args(name):
+        return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "2", "--", *trainer]
+
+    assert _tune(args("whole")).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.tune", "run", *args("cut")],
+        cwd=REPO,
+        env=trainer_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first_log = tmp_path / "cut/trial-1/metrics.jsonl"
+    wait_for(lambda: first_log.exists() and len(first_log.read_text().splitlines()) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "preempted: SIGTERM: saved 2 lanes" in stderr and "Traceback" not in stderr
+    cut = json.loads((tmp_path / "cut/study.json").read_text())
+    assert {t["status"] for t in cut["trials"]} == {"REQUESTED"}  # handed back to the study, to resume
+    # Both lanes saved the epoch in flight, although checkpoints were due only every 2 epochs.
+    for t in cut["trials"]:
+        state = load_final_state(tmp_path / f"cut/trial-{t['id']}")
+        assert int(state.epoch) == len(t["measurements"]) > 0
+    again = _tune(args("cut"))
+    assert again.returncode == 0, again.stderr
+    assert "trial 1: resuming" in again.stdout and "trial 2: resuming" in again.stdout
+    whole = json.loads((tmp_path / "whole/study.json").read_text())
+    resumed = json.loads((tmp_path / "cut/study.json").read_text())
+    assert [t["measurements"] for t in whole["trials"]] == [t["measurements"] for t in resumed["trials"]]
+    for t in whole["trials"]:
+        assert t["status"] == "SUCCEEDED"
+        assert_states_equal(
+            load_final_state(tmp_path / f"cut/trial-{t['id']}"), load_final_state(tmp_path / f"whole/trial-{t['id']}")
+        )
