@@ -6,9 +6,10 @@ Follows Vertex AI's custom-container contract: port `$AIP_HTTP_PORT` (8080),
 health route `$AIP_HEALTH_ROUTE` (`/health`), predict route
 `$AIP_PREDICT_ROUTE` (`/predict`), model `$AIP_STORAGE_URI` when `--model` is
 absent (a `model.h5`, a directory holding one, or a checkpoints directory;
-local or gs://). A request `{"instances": [...]}` is answered with
+local or gs://). A request `{"instances": [...]}` (numbers, or Vertex's
+`{"b64": ...}` of a PNG or raw pixels) is answered with
 `{"predictions": [{"label", "probabilities"}, ...]}`, the numbers
-`mnist_jax.predict` gives.
+`mnist_jax.predict` gives. Bodies are parsed and answers written with orjson.
 
 Dynamic batching: requests waiting at the same time are gathered, up to
 `--max-batch` images, run as one jitted forward pass, and split back to their
@@ -28,18 +29,25 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import json
+import gc
 import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+
+try:  # the `serve` extra
+    import orjson
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+except ImportError as missing:
+    SERVE_EXTRA_MISSING: ImportError | None = missing
+else:
+    SERVE_EXTRA_MISSING = None
 
 from mnist_jax import config, log
 from mnist_jax.errors import DataError, MnistJaxError, report
@@ -134,8 +142,12 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message.replace("\n", " ")}, status_code=status)
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message.replace("\n", " ")}, status)
 
 
 def create_app(
@@ -155,15 +167,19 @@ def create_app(
     def load() -> None:
         batcher = Batcher(load_model(model_path), max_batch, batch_timeout_ms / 1000, max_instances)
         batcher.warm_up()
+        # What exists now (JAX, the model, the libraries) lives as long as the server: frozen, the cyclic
+        # collector stops walking it, so a full collection no longer pauses requests (README, Serving).
+        gc.collect()
+        gc.freeze()
         state["batcher"] = batcher
         ready.set()
 
-    async def health(request: Request) -> JSONResponse:
+    async def health(request: Request) -> Response:
         if not ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return _json({"status": "loading"}, 503)
+        return _json({"status": "ok"})
 
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> Response:
         if not ready.is_set():
             return _error(503, "model is not loaded yet")
         declared = request.headers.get("content-length")
@@ -177,8 +193,8 @@ def create_app(
                 body += chunk
                 if len(body) > max_body_bytes:
                     return _error(413, f"request body over {max_body_bytes} bytes")
-            images = images_from_instances(json.loads(body))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            images = images_from_instances(orjson.loads(body))
+        except orjson.JSONDecodeError as e:
             return _error(400, f"malformed JSON: {e}")
         except (DataError, RecursionError) as e:
             return _error(400, str(e))
@@ -186,7 +202,7 @@ def create_app(
             batcher.arriving -= 1
         if len(images) > max_instances:
             return _error(400, f"{len(images)} instances in one request; the limit is {max_instances}")
-        return JSONResponse(predictions(await batcher.predict(images)))
+        return _json(predictions(await batcher.predict(images)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -245,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except MnistJaxError as e:
         return report(e)
+    if SERVE_EXTRA_MISSING is not None:
+        return report(f"the server needs the serve extra: pip install 'mnist-jax[serve]' ({SERVE_EXTRA_MISSING})")
     log.configure(args.log_format, verbose=args.verbose)
     if not args.model:
         return report("no model: pass --model or set AIP_STORAGE_URI")

@@ -1,35 +1,46 @@
-"""Load test of the prediction server on loopback, with dynamic batching on and off.
+"""Load test of the prediction server on loopback: dynamic batching against batch-of-one serving.
 
-    python scripts/bench_serve.py [--model ./tmp/mnist_mlp/model.h5] [--requests 2000]
+    python scripts/bench_serve.py [--model ./tmp/mnist_mlp/model.h5] [--seconds 10] [--requests 2000]
 
 For each mode it starts `python -m mnist_jax.serve` on a free port of
-127.0.0.1, then sends a fixed number of requests (one image each) from 1, 8
-and 32 concurrent clients, and prints requests per second and p50/p99
-latency. Every answer is checked against the model's own forward pass (label
-equal, probabilities within 1e-5); a wrong answer or a failed request stops
-the benchmark. The test set of `data/mnist.pkl` supplies the images when it is
-there, random images otherwise. Bounded: a fixed request count and a timeout.
+127.0.0.1 and loads it from 1, 8 and 32 connections, one image per request,
+with two bodies: JSON numbers and Vertex's `{"b64": ...}` of a PNG. With `wrk`
+installed (Debian's `wrk`), wrk runs for `--seconds` per level, pinned to the
+last CPU core and the server to the others, so client and server do not share
+a core; without it, an aiohttp client in this process sends `--requests`
+requests per level. It prints requests per second and p50/p90/p99 latency,
+and the batching/batch-of-one throughput ratio. A failed request stops the
+benchmark, and after each level a sample of answers is checked against the
+model's own forward pass (label equal, probabilities within 1e-5). The test
+set of `data/mnist.pkl` supplies the images when it is there, random images
+otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
-import aiohttp
 import numpy as np
+from PIL import Image
 
 from mnist_jax.predict import load_model
 
 MODES = {"dynamic batching": [], "batch of one": ["--max-batch", "1", "--batch-timeout-ms", "0"]}
 CONCURRENCY = (1, 8, 32)
+SAMPLE = 64  # answers checked after each level
 
 
 def free_port() -> int:
@@ -38,12 +49,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, extra: list[str], cores: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    command = [sys.executable, "-m", "mnist_jax.serve", "--model", model, "--port", str(port), *extra]
     process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.serve", "--model", model, "--port", str(port), *extra],
-        stderr=subprocess.PIPE,
-        text=True,
+        ["taskset", "-c", cores, *command] if cores else command, stderr=subprocess.PIPE, text=True
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -59,7 +69,59 @@ def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not become healthy")
 
 
-async def load(url: str, bodies: list[bytes], expected: np.ndarray, clients: int, requests: int) -> dict:
+def bodies(pixels: np.ndarray) -> dict[str, list[bytes]]:
+    """One request body per image: JSON numbers, and b64 PNG."""
+
+    def png(p: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(p.reshape(28, 28)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    return {
+        "json": [json.dumps({"instances": [p.tolist()]}).encode() for p in pixels],
+        "b64": [json.dumps({"instances": [{"b64": png(p)}]}).encode() for p in pixels],
+    }
+
+
+def check(url: str, payloads: list[bytes], expected: np.ndarray) -> None:
+    """Sends a sample of requests and compares every answer with the model's own forward pass."""
+    for i in range(0, len(payloads), max(1, len(payloads) // SAMPLE)):
+        request = urllib.request.Request(f"{url}/predict", payloads[i], {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (prediction,) = json.loads(response.read())["predictions"]
+        if prediction["label"] != int(expected[i].argmax()) or (
+            np.abs(np.asarray(prediction["probabilities"]) - expected[i]).max() > 1e-5
+        ):
+            raise SystemExit(f"image {i}: the server's answer differs from mnist_jax.predict's")
+
+
+def with_wrk(url: str, payload: bytes, clients: int, seconds: int, core: str) -> dict:
+    script = "\n".join(
+        [
+            'wrk.method = "POST"',
+            'wrk.headers["Content-Type"] = "application/json"',
+            f"wrk.body = {json.dumps(payload.decode())}",
+        ]
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    command = ["taskset", "-c", core, "wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", f.name]
+    output = subprocess.run([*command, f"{url}/predict"], capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    if "Non-2xx" in output or "Socket errors" in output:
+        raise SystemExit(f"requests failed:\n{output}")
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)\b", output).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50": ms("50"), "p90": ms("90"), "p99": ms("99")}
+
+
+async def with_aiohttp(url: str, payloads: list[bytes], clients: int, requests: int) -> dict:
+    import aiohttp
+
     latencies: list[float] = []
     next_index = 0
 
@@ -68,31 +130,22 @@ async def load(url: str, bodies: list[bytes], expected: np.ndarray, clients: int
         while next_index < requests:
             i = next_index
             next_index += 1
-            image = i % len(bodies)
             started = time.perf_counter()
             async with session.post(
-                f"{url}/predict", data=bodies[image], headers={"Content-Type": "application/json"}
+                f"{url}/predict", data=payloads[i % len(payloads)], headers={"Content-Type": "application/json"}
             ) as response:
-                payload = await response.read()
+                body = await response.read()
                 if response.status != 200:
-                    raise SystemExit(f"request {i} failed with {response.status}: {payload[:200]!r}")
+                    raise SystemExit(f"request {i} failed with {response.status}: {body[:200]!r}")
             latencies.append(time.perf_counter() - started)
-            (prediction,) = json.loads(payload)["predictions"]
-            probabilities = np.asarray(prediction["probabilities"])
-            if (
-                prediction["label"] != int(expected[image].argmax())
-                or np.abs(probabilities - expected[image]).max() > 1e-5
-            ):
-                raise SystemExit(f"request {i}: wrong answer")
 
     connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         started = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         elapsed = time.perf_counter() - started
     ms = np.array(latencies) * 1000
-    return {"rps": requests / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+    return {"rps": requests / elapsed, **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}}
 
 
 def images(count: int) -> np.ndarray:
@@ -106,28 +159,42 @@ def images(count: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="./tmp/mnist_mlp/model.h5")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    parser.add_argument("--seconds", type=int, default=10, help="wrk: seconds per level")
+    parser.add_argument("--requests", type=int, default=2000, help="without wrk: requests per level")
     args = parser.parse_args()
     pixels = images(256)
-    bodies = [json.dumps({"instances": [p.tolist()]}).encode() for p in pixels]
+    payloads = bodies(pixels)
     expected = load_model(args.model)(pixels.astype(np.float32) / 255)
+    cores = sorted(os.sched_getaffinity(0))
+    wrk = shutil.which("wrk") is not None and shutil.which("taskset") is not None and len(cores) > 1
+    client_core, server_cores = str(cores[-1]), ",".join(map(str, cores[:-1]))
     results = {}
     for mode, extra in MODES.items():
-        process, url = start_server(args.model, extra)
+        process, url = start_server(args.model, extra, server_cores if wrk else None)
         try:
-            asyncio.run(load(url, bodies, expected, 4, 200))  # warm the connections and the server
-            for clients in CONCURRENCY:
-                results[mode, clients] = asyncio.run(load(url, bodies, expected, clients, args.requests))
+            for body, sample in payloads.items():
+                check(url, sample, expected)  # also warms the connection path up
+                for clients in CONCURRENCY:
+                    if wrk:
+                        results[mode, body, clients] = with_wrk(url, sample[0], clients, args.seconds, client_core)
+                    else:
+                        results[mode, body, clients] = asyncio.run(with_aiohttp(url, sample, clients, args.requests))
+                    check(url, sample, expected)
         finally:
             process.terminate()
             process.wait(timeout=60)
-    print(f"\n{args.requests} requests per level, one image each, {os.cpu_count()} CPU cores, every answer checked")
-    print(f"{'mode':<18}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    for (mode, clients), r in results.items():
-        print(f"{mode:<18}{clients:>8}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}")
-    for clients in CONCURRENCY:
-        ratio = results["dynamic batching", clients]["rps"] / results["batch of one", clients]["rps"]
-        print(f"batching / batch of one at {clients} clients: {ratio:.2f}x")
+    client = f"wrk on core {client_core}, server on {server_cores}" if wrk else "aiohttp client sharing the cores"
+    print(f"\none image per request, {len(cores)} CPU cores, {client}; every sampled answer checked")
+    print(f"{'mode':<18}{'body':>6}{'clients':>9}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
+    for (mode, body, clients), r in results.items():
+        print(f"{mode:<18}{body:>6}{clients:>9}{r['rps']:>9.0f}{r['p50']:>9.2f}{r['p90']:>9.2f}{r['p99']:>9.2f}")
+    for body in payloads:
+        for clients in CONCURRENCY:
+            batched, one = results["dynamic batching", body, clients], results["batch of one", body, clients]
+            print(
+                f"{body} at {clients} clients: batching / batch of one {batched['rps'] / one['rps']:.2f}x, "
+                f"batching p99 / p50 {batched['p99'] / batched['p50']:.2f}"
+            )
 
 
 if __name__ == "__main__":

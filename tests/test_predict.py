@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
@@ -60,6 +62,25 @@ def test_instances_json_on_stdin_and_file_with_output(trained_job, pixels, expec
     result = predict_cli(trained_job / "model.h5", "--input", str(tmp_path / "request.json"), "--output", str(out))
     assert result.returncode == 0 and result.stdout == b""
     np.testing.assert_allclose(_probabilities(out.read_bytes()), expected[:3], atol=1e-6)
+
+
+def test_b64_instances_png_and_raw(trained_job, pixels, expected):
+    png = io.BytesIO()
+    Image.fromarray(pixels[0]).save(png, format="PNG")
+    body = {
+        "instances": [
+            {"b64": base64.b64encode(png.getvalue()).decode()},
+            {"b64": base64.b64encode(pixels[1].tobytes()).decode()},
+        ]
+    }
+    result = predict_cli(trained_job / "model.h5", stdin=json.dumps(body).encode())
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(_probabilities(result.stdout), expected[:2], atol=1e-6)
+    bad = predict_cli(trained_job / "model.h5", stdin=json.dumps({"instances": [{"b64": "%%"}]}).encode())
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.decode().strip() == "error: stdin: instance 0: b64 is not valid base64 (Only base64 data is allowed)"
+    )
 
 
 def test_checkpoint_directory_predicts_like_the_h5(trained_job, pixels, expected, tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import http.client
+import io
 import json
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import time
 import fsspec
 import numpy as np
 import pytest
+from PIL import Image
 
 from mnist_jax.predict import load_model
 
@@ -20,7 +23,7 @@ from conftest import REPO
 from gcs import FaultyProxy, free_port
 
 MAX_INSTANCES = 8
-MAX_BODY = 64_000
+MAX_BODY = 128_000
 
 
 class Server:
@@ -114,13 +117,57 @@ def test_predictions_equal_mnist_jax_predict(server, trained_job, digits):
     assert [p["label"] for p in body["predictions"]] == expected.argmax(1).tolist()
 
 
+def _b64_png(pixels: np.ndarray, size: int = 28) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.reshape(28, 28)).resize((size, size)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_b64_png_and_raw_instances(server, trained_job, digits):
+    expected = load_model(str(trained_job / "model.h5"))(digits[:3].astype(np.float32) / 255)
+    instances = [
+        {"b64": _b64_png(digits[0])},
+        {"b64": base64.b64encode(digits[1].tobytes()).decode()},
+        digits[2].tolist(),
+    ]
+    status, body = _predict(server, instances)
+    assert status == 200, body
+    np.testing.assert_allclose([p["probabilities"] for p in body["predictions"]], expected, atol=1e-6)
+
+
+BAD_B64 = {
+    "not base64": ({"b64": "not*base64"}, "instance 1: b64 is not valid base64"),
+    "wrong size": ({"b64": base64.b64encode(bytes(100)).decode()}, "neither a PNG nor 784 raw pixels (100 bytes)"),
+    "big png": (None, "instance 1: PNG must be 28x28, got 56x56"),
+    "bad key": ({"image": "x"}, 'instance 1: an object instance must be {"b64": "<base64>"}'),
+    "too long": ({"b64": "A" * 70_000}, "b64 payload of 70000 characters is over 65536"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_B64))
+def test_bad_b64_gets_a_400_naming_the_instance(server, digits, case):
+    instance, message = BAD_B64[case]
+    if instance is None:
+        instance = {"b64": _b64_png(digits[0], size=56)}
+    status, answer = server.request(
+        "POST", "/predict", json.dumps({"instances": [digits[0].tolist(), instance]}).encode()
+    )
+    assert status == 400 and message in answer["error"], answer
+
+
 BAD = {
     "malformed json": (b'{"instances": [1, 2', 400, "malformed JSON"),
     "no instances": (b'{"inputs": []}', 400, '"instances"'),
     "wrong shape": (json.dumps({"instances": [[0] * 783]}).encode(), 400, "784 or 28x28"),
     "out of range": (json.dumps({"instances": [[0.5] * 783 + [1.5]]}).encode(), 400, "in [0, 1]"),
     "too many": (json.dumps({"instances": [[0] * 784] * (MAX_INSTANCES + 1)}).encode(), 400, "the limit is 8"),
-    "too big": (b'{"instances": [' + b"0, " * 40_000 + b"0]}", 413, "over 64000 bytes"),
+    "too big": (b'{"instances": [' + b"0, " * 80_000 + b"0]}", 413, "over 128000 bytes"),
+    "bad pixel": (
+        json.dumps({"instances": [[0] * 783 + [256]]}).encode(),
+        400,
+        "instance 0 has integer pixels outside",
+    ),
+    "ragged": (json.dumps({"instances": [[0] * 784, [0] * 10]}).encode(), 400, "instance 1 must be 784 or 28x28"),
 }
 
 
