@@ -95,7 +95,7 @@ class Lane:
     checkpointer: checkpoint.Checkpointer
     reporter: metrics.Reporter | None
     epoch: int  # completed epochs
-    saved_epoch: int  # the epoch of the newest checkpoint started
+    save_due: bool = False  # a checkpoint of this epoch is to be saved
 
     def close(self) -> None:
         """Commits the lane's saves and closes its reports (SaveError if a save failed)."""
@@ -201,7 +201,7 @@ class Loop:
         reporter = metrics.Reporter(config) if self.is_main else None
         if reporter is not None:
             reporter.resume(epoch)
-        lane = self.slots[k] = Lane(config, ckpt, reporter, epoch, saved_epoch=epoch)
+        lane = self.slots[k] = Lane(config, ckpt, reporter, epoch)
         if resumed:
             self.say(f"Resuming from epoch {epoch} (step {int(state.step)})", config)
         if epoch >= config.epochs:  # nothing left to train: report the restored model
@@ -213,7 +213,7 @@ class Loop:
         lane = self.slots[k]
         assert lane is not None
         lane.checkpointer.save(self.program.take(self.states, k), checkpoint.record(lane.config, lane.epoch))
-        lane.saved_epoch = lane.epoch
+        lane.save_due = False
 
     def finish(self, k: int, validation: steps.Totals | None) -> None:
         """Lane k has trained its epochs: test, export `model.h5`, free the lane."""
@@ -257,42 +257,50 @@ class Loop:
             seconds = time.perf_counter() - started
             if self.bar is not None:
                 self.bar.clear()
-            for k, lane in enumerate(self.slots):
-                if lane is not None:
-                    self.after_epoch(k, lane, _lane(train_host, k), _lane(validation_host, k), seconds, preemption)
+            self.end_epoch(train_host, validation_host, seconds, preemption)
             if preemption.requested:
                 if any(lane is not None for lane in self.slots):
                     raise Preempted(self.preempted_message())
                 return  # every trial in hand is done; take no new one
             self.fill()
 
-    def after_epoch(
-        self,
-        k: int,
-        lane: Lane,
-        train: steps.Totals,
-        validation: steps.Totals,
-        seconds: float,
-        preemption: PreemptionGuard,
+    def end_epoch(
+        self, train: steps.Totals, validation: steps.Totals, seconds: float, preemption: PreemptionGuard
     ) -> None:
-        lane.epoch += 1
-        config = lane.config
-        lane.checkpointer.check()
-        try:
-            record = steps.epoch_record(lane.epoch, train, validation, seconds)
-        except MnistJaxError as e:
-            self.end(k, Outcome("FAILED", lane.epoch, error=str(e)))
-            return
-        self.say(metrics.epoch_line(record, config.epochs), config)
-        if lane.reporter is not None:
-            lane.reporter.write(record)
-        stop = self.source.epoch_done(config, record) and lane.epoch < config.epochs
-        if checkpoint.checkpoint_due(config, lane.epoch) or stop or preemption.requested:
-            self.save(k)
-        if lane.epoch >= config.epochs:
-            self.finish(k, validation)
-        elif stop:
-            self.end(k, Outcome("STOPPED", lane.epoch))
+        """Per lane: report; then every due checkpoint at once; then finish or stop the lanes that are done."""
+        done = []
+        for k, lane in enumerate(self.slots):
+            if lane is None:
+                continue
+            lane.epoch += 1
+            config = lane.config
+            lane.checkpointer.check()
+            try:
+                record = steps.epoch_record(lane.epoch, _lane(train, k), _lane(validation, k), seconds)
+            except MnistJaxError as e:
+                self.end(k, Outcome("FAILED", lane.epoch, error=str(e)))
+                continue
+            self.say(metrics.epoch_line(record, config.epochs), config)
+            if lane.reporter is not None:
+                lane.reporter.write(record)
+            stop = self.source.epoch_done(config, record) and lane.epoch < config.epochs
+            if checkpoint.checkpoint_due(config, lane.epoch) or stop or preemption.requested:
+                lane.save_due = True
+            if lane.epoch >= config.epochs or stop:
+                done.append((k, stop))
+        self.save_lanes()
+        for k, stop in done:
+            if stop:
+                self.end(k, Outcome("STOPPED", self.slots[k].epoch))  # type: ignore[union-attr]
+            else:
+                self.finish(k, _lane(validation, k))
+
+    def save_lanes(self) -> None:
+        """Starts the due lanes' checkpoint saves (one at a time: Orbax's managers are not safe to drive
+        from several threads at once)."""
+        for k, lane in enumerate(self.slots):
+            if lane is not None and lane.save_due:
+                self.save(k)
 
     def preempted_message(self) -> str:
         saved = [lane for lane in self.slots if lane is not None]

@@ -5,11 +5,14 @@ Only process 0 reports (the trainer builds a `Reporter` there alone).
 `metrics.jsonl` holds one JSON object per epoch; it is kept in memory and
 rewritten atomically after each epoch, so a crash never leaves a torn line and
 a resumed job drops epochs its checkpoint does not cover. `curves.png` is
-redrawn from the same records after each epoch on a low-priority background
-thread: matplotlib takes about 0.15 s of CPU per drawing, which would
-otherwise come out of a 2-core machine's training time. If a drawing is still
-running when the next epoch ends, only the newest records are drawn next, and
-closing the reporter always draws the final curves.
+redrawn from the same records after each epoch by one low-priority thread
+shared by every reporter of the process (`PLOTTER`): a drawing costs far more
+CPU than an epoch's other reporting (README, Performance), so drawings not yet
+started are replaced by newer ones, and closing a reporter waits for its final
+curves.
+
+Files we write are written atomically; TensorBoard's event file is appended
+by tensorboardX, and cloudml-hypertune rewrites its metric file in place.
 """
 
 from __future__ import annotations
@@ -155,34 +158,40 @@ def curves_png(records: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-class LatestOnlyWorker:
-    """A low-priority thread that runs the newest submitted job; a job not yet started is replaced."""
+class Plotter:
+    """One low-priority thread per process that draws every job's newest curves, one job at a time.
 
-    def __init__(self, name: str) -> None:
-        self._pending: Callable[[], None] | None = None
-        self._closed = False
-        self._error: BaseException | None = None
+    A job's drawing not yet started is replaced by a newer one, so however many
+    lanes report, drawing takes at most one core and each job's file shows its
+    newest records. `wait` returns once a job's last submitted drawing is
+    written, and re-raises its failure.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Callable[[], None]] = {}  # oldest request first
+        self._busy: str | None = None
+        self._errors: dict[str, BaseException] = {}
         self._wake = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._raise_error()
+    def submit(self, key: str, job: Callable[[], None]) -> None:
         with self._wake:
-            self._pending = job
-            self._wake.notify()
+            self._raise_error(key)
+            self._pending[key] = job
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="curves", daemon=True)
+                self._thread.start()
+            self._wake.notify_all()
 
-    def close(self) -> None:
-        """Runs the pending job, if any, stops the thread and re-raises a job's failure."""
+    def wait(self, key: str) -> None:
         with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-        self._raise_error()
+            while key in self._pending or self._busy == key:
+                self._wake.wait()
+            self._raise_error(key)
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
+    def _raise_error(self, key: str) -> None:
+        error = self._errors.pop(key, None)
+        if error is not None:
             raise error
 
     def _run(self) -> None:
@@ -190,15 +199,21 @@ class LatestOnlyWorker:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             with self._wake:
-                while self._pending is None and not self._closed:
+                while not self._pending:
                     self._wake.wait()
-                job, self._pending = self._pending, None
-            if job is None:
-                return
+                key = next(iter(self._pending))
+                job = self._pending.pop(key)
+                self._busy = key
             try:
                 job()
-            except BaseException as e:  # handed to the main thread by submit/close
-                self._error = e
+            except BaseException as e:  # handed to the job's reporter by submit/wait
+                self._errors[key] = e
+            with self._wake:
+                self._busy = None
+                self._wake.notify_all()
+
+
+PLOTTER = Plotter()
 
 
 class Reporter:
@@ -221,7 +236,6 @@ class Reporter:
         self.tuning.trial_id = config.trial_id or "0"
         os.makedirs(os.path.dirname(os.path.abspath(config.hpt_metric_file)), exist_ok=True)
         self.tuning_tag = config.hpt_metric_tag
-        self._plotter = LatestOnlyWorker("curves")
 
     def resume(self, completed_epochs: int) -> None:
         self.log.resume(completed_epochs)
@@ -233,10 +247,11 @@ class Reporter:
             hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"]
         )
         records = list(self.log.records)
-        self._plotter.submit(lambda: storage.write_bytes_atomic(self.curves_path, curves_png(records)))
+        PLOTTER.submit(self.curves_path, lambda: storage.write_bytes_atomic(self.curves_path, curves_png(records)))
 
     def close(self) -> None:
+        """Waits for the final curves; closes TensorBoard's file."""
         try:
-            self._plotter.close()
+            PLOTTER.wait(self.curves_path)
         finally:
             self.tensorboard.close()

@@ -60,6 +60,7 @@ from mnist_jax.study import Study, load_study, to_vertex
 
 # A trial whose worker on another host has not been heard from for this long is taken over.
 STALE_AFTER_S = 600
+BEAT_S = 30  # how often a running trial's heartbeat is written
 POLL_S = 0.1  # how often the driver looks at its trial processes
 OWNER, HEARTBEAT = "mnist_jax:owner", "mnist_jax:heartbeat"
 SPEC, READY = "mnist_jax:spec", "mnist_jax:ready"
@@ -100,6 +101,23 @@ class Worker:
         return time.time() - heartbeat > STALE_AFTER_S
 
 
+def _write_ahead(store: optuna.storages.RDBStorage) -> None:
+    """SQLite in write-ahead mode, syncing at checkpoints rather than at every commit: a report per
+    trial-epoch then costs no fsync, and a crash still leaves the database consistent."""
+    import sqlalchemy
+
+    engine = store.engine
+
+    def pragmas(connection: Any, record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections opened before the listener get replaced
+
+
 def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
@@ -136,6 +154,7 @@ class Driver:
         self.study_id = self.storage.get_study_id_from_name(name)
         self.running: dict[int, optuna.Trial] = {}
         self.ids: dict[int, int] = {}  # trial number -> the storage's trial id
+        self.beats: dict[int, float] = {}  # trial number -> when its heartbeat was last written
         self.started, self.epochs_trained = time.monotonic(), 0
 
     # --- the study in its storage ------------------------------------------------
@@ -143,7 +162,9 @@ class Driver:
     def _open(self) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
         for attempt in range(3):
             try:
-                store = optuna.storages.get_storage(self.storage_url)
+                store = optuna.storages.RDBStorage(self.storage_url)
+                if self.storage_url.startswith("sqlite:"):
+                    _write_ahead(store)
                 break
             except Exception as e:  # a bad URL, a missing driver, a server that does not answer
                 # Workers that start together race to create the storage's tables: the loser retries.
@@ -221,9 +242,9 @@ class Driver:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             self.storage.set_trial_system_attr(trial_id, OWNER, dataclasses.asdict(self.me))
-            self.storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
             trial = optuna.Trial(self.study, trial_id)
             self.ids[trial.number] = trial_id
+            self.beat(trial)
             params = {p.name: search.suggest(trial, p) for p in self.spec.parameters}
             trial.set_user_attr("params", params)
             trial.set_user_attr("job_dir", self.trial_dir(trial.number))
@@ -270,16 +291,20 @@ class Driver:
     def report(self, trial: optuna.Trial, epoch: int, value: float, final: bool) -> bool:
         """Records a trial's epoch; True if the study's stopping rule stops it here."""
         trial.report(value, epoch)  # a resumed trial repeats its last epochs: Optuna keeps the first report
-        self.storage.set_trial_system_attr(self.ids[trial.number], HEARTBEAT, time.time())
+        self.beat(trial)
         self.epochs_trained += 1
-        stop = not final and trial.should_prune()
+        stop = not final and self.spec.median_stopping and trial.should_prune()
         logger.info(
             f"trial {trial.number + 1} epoch {epoch}: {self.spec.metric}={value:.4f}" + (" (stopping)" if stop else "")
         )
         return stop
 
     def beat(self, trial: optuna.Trial) -> None:
-        self.storage.set_trial_system_attr(self.ids[trial.number], HEARTBEAT, time.time())
+        """Tells other workers the trial is alive, at most every BEAT_S."""
+        now = time.time()
+        if now - self.beats.get(trial.number, 0.0) >= BEAT_S:
+            self.storage.set_trial_system_attr(self.ids[trial.number], HEARTBEAT, now)
+            self.beats[trial.number] = now
 
     def tell(self, trial: optuna.Trial, status: str, error: str | None = None) -> None:
         """Closes a trial as SUCCEEDED, STOPPED or FAILED, and rewrites study.json."""
@@ -441,7 +466,6 @@ class TrialProcess:
     epochs: int
     seen: set[int] = dataclasses.field(default_factory=set)
     stop_requested: bool = False
-    last_beat: float = dataclasses.field(default_factory=time.monotonic)
 
 
 def start_process(driver: Driver, trial: optuna.Trial) -> TrialProcess:
@@ -474,9 +498,7 @@ def _collect(driver: Driver, running: TrialProcess) -> None:
         if stop and not running.stop_requested:
             running.stop_requested = True
             running.process.send_signal(signal.SIGTERM)
-    if time.monotonic() - running.last_beat > 30:
-        driver.beat(running.trial)
-        running.last_beat = time.monotonic()
+    driver.beat(running.trial)  # a trial may go long between epochs
 
 
 def _last_error(log_path: str) -> str:

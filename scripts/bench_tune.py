@@ -1,13 +1,18 @@
-"""Tuning throughput: 4 trials one after another against 4 trials in one vectorized program.
+"""Tuning throughput: a 12-trial study one trial at a time, against median stopping in 4 refilling lanes.
 
-    python scripts/bench_tune.py [--trials 4] [--epochs 20] [--train-file data/mnist.pkl]
+    python scripts/bench_tune.py [--trials 12] [--epochs 3] [--lanes 4] [--train-file data/mnist.pkl]
 
-Runs the shipped study (configs/hptuning_config.yaml) twice on real data with
-the same seed, so both runs draw the same trials: once as separate
-`python -m mnist_jax.train` processes, one at a time, and once with
-`--vectorize` equal to the trial count. Each starts with an empty compile
-cache. Prints wall times, trials per hour, their ratio, and each trial's final
-accuracy both ways.
+The study searches the learning rate (1e-5 to 3e-3, log scale) and
+`dropout-one` (0.1 to 0.5, reverse log) with Bayesian search and the same
+seed, on real MNIST. It runs twice, in this order, each with an empty compile
+cache and its own job dir:
+- one trial at a time without stopping: each trial a `python -m mnist_jax.train`
+  process, as a Vertex study with one parallel trial runs them;
+- median stopping in `--lanes` lanes of one program (`--vectorize`), refilled
+  as trials end or are stopped.
+It prints, for each: wall time (command start to `study.json`), trial-epochs
+trained, trials stopped, and the best trial's metric; then the wall-time
+ratio and the difference between the two best metrics, in points.
 """
 
 from __future__ import annotations
@@ -21,28 +26,38 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 
-def run_study(root: Path, name: str, trials: int, epochs: int, train_file: str, *extra: str) -> tuple[float, dict]:
+
+def study_config(trials: int, lanes: int, stopping: bool) -> dict:
+    spec = {
+        "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
+        "parameters": [
+            {
+                "parameterId": "learning-rate",
+                "doubleValueSpec": {"minValue": 1e-5, "maxValue": 3e-3},
+                "scaleType": "UNIT_LOG_SCALE",
+            },
+            {
+                "parameterId": "dropout-one",
+                "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5},
+                "scaleType": "UNIT_REVERSE_LOG_SCALE",
+            },
+        ],
+        "algorithm": "ALGORITHM_UNSPECIFIED",
+    }
+    if stopping:
+        spec["medianAutomatedStoppingSpec"] = {"useElapsedDuration": False}
+    return {"studySpec": spec, "maxTrialCount": trials, "parallelTrialCount": 1 if not stopping else lanes}
+
+
+def run(root: Path, name: str, config: dict, epochs: int, train_file: str, *extra: str) -> tuple[float, dict]:
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
     command = [
-        sys.executable,
-        "-m",
-        "mnist_jax.tune",
-        "run",
-        "--config",
-        "configs/hptuning_config.yaml",
-        "--job-dir",
-        str(root / name),
-        "--max-trials",
-        str(trials),
-        "--parallel-trials",
-        "1",
-        *extra,
-        "--",
-        "--train-file",
-        train_file,
-        "--epochs",
-        str(epochs),
-    ]
+        sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(root / f"{name}.yaml"),
+        "--job-dir", str(root / name), "--seed", "0", *extra, "--", "--train-file", train_file,
+        "--epochs", str(epochs),
+    ]  # fmt: skip
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / f"{name}-xla-cache")}
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -51,24 +66,32 @@ def run_study(root: Path, name: str, trials: int, epochs: int, train_file: str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lanes", type=int, default=4)
     parser.add_argument("--train-file", default="data/mnist.pkl")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        one_wall, one = run_study(root, "one-at-a-time", args.trials, args.epochs, args.train_file)
-        vec_wall, vec = run_study(
-            root, "vectorized", args.trials, args.epochs, args.train_file, "--vectorize", str(args.trials)
+        one = run(root, "one-at-a-time", study_config(args.trials, args.lanes, False), args.epochs, args.train_file)
+        lanes = run(
+            root,
+            "median-lanes",
+            study_config(args.trials, args.lanes, True),
+            args.epochs,
+            args.train_file,
+            "--vectorize",
+            str(args.lanes),
         )
-    print(f"\n{args.trials} trials of {args.epochs} epochs, {os.cpu_count()} CPU cores")
-    print(f"{'mode':<16}{'wall s':>9}{'trials/hour':>13}")
-    for name, wall in (("one at a time", one_wall), ("vectorized", vec_wall)):
-        print(f"{name:<16}{wall:>9.1f}{3600 * args.trials / wall:>13.1f}")
-    print(f"vectorized / one at a time wall time: {vec_wall / one_wall:.3f}")
-    print(f"{'trial':>5}  {'accuracy alone':>15}  {'vectorized':>11}  {'difference (points)':>20}")
-    for a, b in zip(one["trials"], vec["trials"]):
-        print(f"{a['id']:>5}  {a['metric']:>15.4f}  {b['metric']:>11.4f}  {100 * (b['metric'] - a['metric']):>20.2f}")
+    print(f"\n{args.trials} trials of up to {args.epochs} epochs, real MNIST, {os.cpu_count()} CPU cores")
+    print(f"{'mode':<34}{'wall s':>8}{'trial-epochs':>14}{'stopped':>9}{'best':>9}")
+    rows = (("one at a time, no stopping", one), (f"median stopping, {args.lanes} lanes", lanes))
+    for label, (wall, study) in rows:
+        trial_epochs = sum(len(t["measurements"]) for t in study["trials"])
+        stopped = sum(t["status"] == "STOPPED" for t in study["trials"])
+        print(f"{label:<34}{wall:>8.1f}{trial_epochs:>14}{stopped:>9}{study['best']['metric']:>9.4f}")
+    print(f"wall time, lanes / one at a time: {lanes[0] / one[0]:.3f}")
+    print(f"best metric difference: {100 * (lanes[1]['best']['metric'] - one[1]['best']['metric']):+.2f} points")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# GPU benchmark: the real training job and vectorized tuning trials on one GPU, as one short command.
+# GPU benchmark, one short command: the training job, K lanes for K = 1, 4, 16 and 64, the seed's
+# study widened to 64 trials in 64 lanes, and the prediction server.
 #
-#   bash scripts/gpu_bench.sh [EPOCHS]        # from the repository root, on the GPU machine
+#   bash scripts/gpu_bench.sh [EPOCHS] [TRAIN_FILE]     # from the repository root, on the GPU machine
 #
-# Expects Python 3.12 with JAX and its CUDA plugin, flax, optax, orbax-checkpoint and h5py installed,
-# no network, real MNIST at data/mnist.pkl (carried along), and any other package the trainer
-# imports as wheels in .whl/ (tensorboardX, PyYAML, cloudml-hypertune; see README, Performance).
-# Prints a table: the default job's median steady-state epoch, first epoch and wall time, test
-# accuracy, and the epoch time of K trials trained together, for K = 1, 4 and 16.
+# Expects Python 3.12 with JAX and its CUDA plugin, flax, optax, orbax-checkpoint, h5py, PyYAML and
+# matplotlib installed, no network, real MNIST at TRAIN_FILE (default data/mnist.pkl; a gzipped pickle
+# works too), and any other package the project imports as wheels in .whl/ (README, Performance).
+# Prints a table: the job's median steady-state epoch, first epoch, wall time and accuracy; each lane
+# count's epoch; the 64-trial study's wall time from command to study.json; then the serving table.
 set -euo pipefail
 
 epochs=${1:-5}
+train_file=${2:-data/mnist.pkl}
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mnist-jax-site .whl/*.whl
@@ -21,39 +23,55 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export JAX_COMPILATION_CACHE_DIR="$work/xla-cache"
 
-python3 -c 'import jax; print("devices:", jax.devices())'
-start=$(date +%s.%N)
-python3 -m mnist_jax.train --train-file data/mnist.pkl --epochs "$epochs" --job-dir "$work/job" >"$work/job.log"
-end=$(date +%s.%N)
+python3 -c 'import jax; print("devices:", jax.devices(), "jax", jax.__version__)'
+seconds() { date +%s.%N; }
 
-for k in 1 4 16; do
-  python3 - "$work" "$k" "$epochs" <<'PY'
-import json, sys
-work, k, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-group = [{"argv": ["--train-file", "data/mnist.pkl", "--epochs", epochs, "--job-dir", f"{work}/k{k}-{i}",
-                   f"--dropout-one={0.1 + 0.4 * i / max(k - 1, 1):.3f}"], "env": {}} for i in range(k)]
-json.dump(group, open(f"{work}/group-{k}.json", "w"))
-PY
-  python3 -m mnist_jax.multitrial "$work/group-$k.json" >"$work/group-$k.log"
+start=$(seconds)
+python3 -m mnist_jax.train --train-file "$train_file" --epochs "$epochs" --job-dir "$work/job" >"$work/job.log"
+job_wall=$(python3 -c "print($(seconds) - $start)")
+
+for k in 4 16 64; do
+  python3 -m mnist_jax.tune run --config configs/hptuning_config.yaml --job-dir "$work/lanes-$k" \
+    --max-trials "$k" --vectorize "$k" -- --train-file "$train_file" --epochs "$epochs" \
+    --checkpoint-every "$epochs" >"$work/lanes-$k.log"
 done
 
-python3 - "$work" "$epochs" "$start" "$end" <<'PY'
+# The seed's study (configs/hptuning_config.yaml: both dropout rates, reverse log) widened to 64 trials
+# of the seed's 20 epochs in 64 lanes, end to end: start-up, 1,280 trial-epochs, every trial's outputs.
+start=$(seconds)
+python3 -m mnist_jax.tune run --config configs/hptuning_config.yaml --job-dir "$work/study-64" \
+  --max-trials 64 --vectorize 64 -- --train-file "$train_file" >"$work/study-64.log"
+study_wall=$(python3 -c "print($(seconds) - $start)")
+
+python3 - "$work" "$epochs" "$job_wall" "$study_wall" <<'PY'
 import json, statistics, sys
-work, epochs, start, end = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+work, epochs, job_wall, study_wall = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 def records(job_dir):
     return [json.loads(line) for line in open(f"{job_dir}/metrics.jsonl")]
+def steady(rows):
+    return statistics.median(r["epoch_time_s"] for r in rows[1:])
 job = records(f"{work}/job")
-median = statistics.median(r["epoch_time_s"] for r in job[1:])
 flops = 60000 * 3.21e6 + 10000 * 1.337e6
-print(f"\n{'measure':<44}{'value':>12}")
-print(f"{'median steady-state epoch (s)':<44}{median:>12.4f}")
-print(f"{'first epoch, compile included (s)':<44}{job[0]['epoch_time_s']:>12.3f}")
-print(f"{f'job wall time, {epochs} epochs (s)':<44}{end - start:>12.1f}")
-print(f"{'test accuracy':<44}{job[-1]['val_accuracy']:>12.4f}")
-print(f"{'achieved GFLOP/s':<44}{flops / median / 1e9:>12.0f}")
-for k in (1, 4, 16):
-    trial = records(f"{work}/k{k}-0")
-    epoch = statistics.median(r["epoch_time_s"] for r in trial[1:])
-    print(f"{f'{k} trials in one program: epoch (s)':<44}{epoch:>12.4f}")
-    print(f"{f'{k} trials in one program: trials x epochs / s':<44}{k / epoch:>12.1f}")
+one = steady(job)
+print(f"\n{'measure':<52}{'value':>12}")
+print(f"{'job: median steady-state epoch (s)':<52}{one:>12.4f}")
+print(f"{'job: first epoch, compile included (s)':<52}{job[0]['epoch_time_s']:>12.3f}")
+print(f"{f'job: wall time, {epochs} epochs (s)':<52}{job_wall:>12.1f}")
+print(f"{'job: test accuracy':<52}{job[-1]['val_accuracy']:>12.4f}")
+print(f"{'job: achieved GFLOP/s':<52}{flops / one / 1e9:>12.0f}")
+print(f"{'lanes 1 (the job): epoch (s)':<52}{one:>12.4f}")
+for k in (4, 16, 64):
+    epoch = steady(records(f"{work}/lanes-{k}/trial-1"))
+    print(f"{f'lanes {k}: epoch (s), all lanes':<52}{epoch:>12.4f}")
+    print(f"{f'lanes {k}: epoch / one lane':<52}{epoch / one:>12.2f}")
+    print(f"{f'lanes {k}: trial-epochs per second':<52}{k / epoch:>12.1f}")
+study = json.load(open(f"{work}/study-64/study.json"))
+print(f"{'study, 64 trials x 20 epochs in 64 lanes: wall (s)':<52}{study_wall:>12.1f}")
+print(f"{'study: trials succeeded':<52}{sum(t['status'] == 'SUCCEEDED' for t in study['trials']):>12}")
+print(f"{'study: best accuracy':<52}{study['best']['metric']:>12.4f}")
+print(f"{'study: median lane epoch (s)':<52}{steady(records(f'{work}/study-64/trial-1')):>12.4f}")
 PY
+
+if python3 -c 'import aiohttp, orjson, starlette, uvicorn' 2>/dev/null; then
+  python3 scripts/bench_serve.py --model "$work/job/model.h5" --requests 2000
+fi

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tomllib
 
 import pytest
 import yaml
@@ -60,3 +61,38 @@ def test_serving_container_runs_the_server_on_all_interfaces():
     assert entrypoint[:3] == ["python", "-m", "mnist_jax.serve"]
     args = build_serve_parser().parse_args(entrypoint[3:])
     assert args.host == "0.0.0.0"
+
+
+def _lock(name: str) -> dict[str, str]:
+    """{package: version} of a lock file, after checking that every pin carries hashes."""
+    text = (REPO / "requirements" / name).read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\\n]+)", text, re.MULTILINE))
+    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", text.strip())
+    assert pins and all("--hash=sha256:" in block for block in blocks if "==" in block.split("\n")[0])
+    return {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=\[ ;]", r, maxsplit=1)[0]).lower() for r in requirements}
+
+
+@pytest.mark.parametrize(
+    "dockerfile, lock, extras",
+    [
+        ("Dockerfile", "train.lock", ()),
+        ("Dockerfile.gpu", "train-gpu.lock", ("gpu",)),
+        ("Dockerfile.serve", "serve.lock", ("serve",)),
+    ],
+)
+def test_containers_install_from_hashed_locks_that_cover_the_project(dockerfile, lock, extras):
+    text = (REPO / dockerfile).read_text()
+    assert f"COPY requirements/{lock} " in text and "--require-hashes -r requirements.lock" in text
+    assert "--no-deps" in text  # the project itself brings nothing unlocked
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = _requirement_names(project["dependencies"])
+    for extra in extras:
+        wanted |= _requirement_names(project["optional-dependencies"][extra]) - {"jax"}
+    pins = _lock(lock)
+    assert wanted <= set(pins), wanted - set(pins)
+    if "gpu" in extras:  # the CUDA plugin is built for exactly the locked jax
+        assert pins["jax-cuda12-plugin"] == pins["jax-cuda12-pjrt"] == pins["jaxlib"] == pins["jax"]
