@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--train-file", default="data/mnist.pkl")
     args = parser.parse_args()
     if not os.path.exists(args.train_file):
-        subprocess.run([sys.executable, "-m", "mnist_jax.data", "download", "--out", args.train_file], check=True)
+        subprocess.run([sys.executable, "-m", "mnist_jax.download", "--out", args.train_file], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         results = {
             "keras 3 (jax backend)": run_keras(args.train_file, args.epochs, Path(tmp)),
