@@ -254,16 +254,22 @@ def _locations(job_dir: str) -> dict[str, str]:
     return {"model_dir": job_dir, "checkpoint_dir": f"{base}/checkpoints", "tensorboard_dir": f"{base}/logs"}
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The settings in a config.json or YAML of flags, parsed as their flags would be."""
+def read_mapping(path: str, what: str) -> dict[str, Any]:
+    """A YAML (or JSON) mapping from a local or gs:// file; anything else is a ConfigError naming `what`."""
     try:
         document = yaml.safe_load(storage.read_bytes(path))
     except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"--config {path}: no such file") from None
+        raise ConfigError(f"{what} {path}: no such file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not JSON or YAML: {e}") from None
+        raise ConfigError(f"{what} {path}: not JSON or YAML: {e}") from None
     if not isinstance(document, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of settings")
+        raise ConfigError(f"{what} {path}: expected a mapping")
+    return document
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in a config.json or YAML of flags, parsed as their flags would be."""
+    document = read_mapping(path, "--config")
     settings = {str(k).replace("-", "_"): v for k, v in document.items() if k not in RECORDED_ONLY}
     unknown = sorted(set(settings) - set(_FLAGS) - {"config"})
     if unknown:

@@ -95,7 +95,6 @@ class Lane:
     checkpointer: checkpoint.Checkpointer
     reporter: metrics.Reporter | None
     epoch: int  # completed epochs
-    save_due: bool = False  # a checkpoint of this epoch is to be saved
 
     def close(self) -> None:
         """Commits the lane's saves and closes its reports (SaveError if a save failed)."""
@@ -213,7 +212,6 @@ class Loop:
         lane = self.slots[k]
         assert lane is not None
         lane.checkpointer.save(self.program.take(self.states, k), checkpoint.record(lane.config, lane.epoch))
-        lane.save_due = False
 
     def finish(self, k: int, validation: steps.Totals | None) -> None:
         """Lane k has trained its epochs: test, export `model.h5`, free the lane."""
@@ -267,8 +265,7 @@ class Loop:
     def end_epoch(
         self, train: steps.Totals, validation: steps.Totals, seconds: float, preemption: PreemptionGuard
     ) -> None:
-        """Per lane: report; then every due checkpoint at once; then finish or stop the lanes that are done."""
-        done = []
+        """Per lane: report; checkpoint when due; finish it or stop it when it is done."""
         for k, lane in enumerate(self.slots):
             if lane is None:
                 continue
@@ -285,22 +282,11 @@ class Loop:
                 lane.reporter.write(record)
             stop = self.source.epoch_done(config, record) and lane.epoch < config.epochs
             if checkpoint.checkpoint_due(config, lane.epoch) or stop or preemption.requested:
-                lane.save_due = True
-            if lane.epoch >= config.epochs or stop:
-                done.append((k, stop))
-        self.save_lanes()
-        for k, stop in done:
-            if stop:
-                self.end(k, Outcome("STOPPED", self.slots[k].epoch))  # type: ignore[union-attr]
-            else:
-                self.finish(k, _lane(validation, k))
-
-    def save_lanes(self) -> None:
-        """Starts the due lanes' checkpoint saves (one at a time: Orbax's managers are not safe to drive
-        from several threads at once)."""
-        for k, lane in enumerate(self.slots):
-            if lane is not None and lane.save_due:
                 self.save(k)
+            if lane.epoch >= config.epochs:
+                self.finish(k, _lane(validation, k))
+            elif stop:
+                self.end(k, Outcome("STOPPED", lane.epoch))
 
     def preempted_message(self) -> str:
         saved = [lane for lane in self.slots if lane is not None]

@@ -49,7 +49,14 @@ def load_model(path: str) -> Callable[[np.ndarray], np.ndarray]:
 
         params, _, _ = checkpoint.load_params(path)
     model = MLP(hidden_units=params["dense"]["kernel"].shape[1])
-    forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)))
+
+    def probabilities(p: Any, x: jax.Array) -> jax.Array:
+        # Full float32 matmuls on every platform: a GPU's faster default (TF32) would make an answer depend
+        # on the size of the batch it was served in, and the forward pass is cheap either way.
+        with jax.default_matmul_precision("highest"):
+            return jax.nn.softmax(model.apply({"params": p}, x))
+
+    forward = jax.jit(probabilities)
     params = jax.device_put(params)
     return lambda images: np.asarray(forward(params, images))
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import yaml
-
-from mnist_jax import storage
+from mnist_jax.config import read_mapping
 from mnist_jax.errors import ConfigError
 
 SCALE_TYPES = ("NONE", "UNIT_LINEAR_SCALE", "UNIT_LOG_SCALE", "UNIT_REVERSE_LOG_SCALE")
@@ -189,13 +187,7 @@ def study_from_vertex(document: dict[str, Any]) -> Study:
 
 def load_study(path: str) -> tuple[Study, dict[str, Any]]:
     """Reads a legacy or Vertex study config (local or gs://); returns it and the raw document."""
-    try:
-        document = yaml.safe_load(storage.read_bytes(path))
-    except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"cannot read study config {path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot read study config {path}: {e}") from None
-    _require(isinstance(document, dict), f"{path}: not a YAML mapping")
+    document = read_mapping(path, "study config")
     try:
         study = study_from_vertex(document) if "studySpec" in document else study_from_legacy(document)
     except (KeyError, TypeError, ValueError) as e:

@@ -153,3 +153,22 @@ def test_permission_denied_is_a_one_line_error(fake_gcs, tiny_pickle):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: storage error on gs://bucket/forbidden/job/config.json: Forbidden")
+
+
+def test_a_study_with_a_gcs_job_dir(gcs_env, tiny_pickle, tmp_path):
+    from conftest import REPO, run_module, tiny_args
+
+    config = str(REPO / "configs" / "hptuning_config.yaml")
+    args = ["run", "--config", config, "--job-dir", "gs://bucket/study", "--max-trials", "2", "--vectorize", "2"]
+    needs_storage = run_module("tune", args, env=gcs_env)
+    assert needs_storage.returncode == 2 and "a gs:// job dir needs --storage" in needs_storage.stderr
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    result = run_module("tune", [*args, "--storage", storage, "--", *tiny_args(tiny_pickle)], env=gcs_env)
+    assert result.returncode == 0, result.stderr
+    fs = fsspec.filesystem("gs")
+    summary = json.loads(fs.cat_file("bucket/study/study.json"))
+    assert [t["status"] for t in summary["trials"]] == ["SUCCEEDED", "SUCCEEDED"]
+    objects = set(_objects("bucket/study"))
+    for trial in (1, 2):
+        assert {f"bucket/study/trial-{trial}/{name}" for name in ("model.h5", "train.log", "metrics.jsonl")} <= objects
+    assert "bucket/study/study.png" in objects
