@@ -47,7 +47,6 @@ class Outcome(NamedTuple):
 
     status: str  # SUCCEEDED, STOPPED or FAILED
     epochs: int  # completed epochs
-    test_accuracy: float | None = None  # on the test set, when SUCCEEDED
     error: str | None = None  # when FAILED
 
 
@@ -232,7 +231,7 @@ class Loop:
             rates = (config.dropout_one, config.dropout_two)
             export.write_model(model_path, jax.device_get(params), rates, config.learning_rate)
             self.say(f"Saved {model_path}", config)
-        self.source.trial_done(config, Outcome("SUCCEEDED", lane.epoch, test_accuracy=test_accuracy))
+        self.source.trial_done(config, Outcome("SUCCEEDED", lane.epoch))
 
     def end(self, k: int, outcome: Outcome) -> None:
         """Frees lane k of a trial that stopped or failed."""

@@ -204,11 +204,14 @@ class Plotter:
                 key = next(iter(self._pending))
                 job = self._pending.pop(key)
                 self._busy = key
+            error = None
             try:
                 job()
             except BaseException as e:  # handed to the job's reporter by submit/wait
-                self._errors[key] = e
+                error = e
             with self._wake:
+                if error is not None:
+                    self._errors[key] = error
                 self._busy = None
                 self._wake.notify_all()
 

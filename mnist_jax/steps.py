@@ -191,7 +191,6 @@ def epoch_record(epoch: int, train: Totals, validation: Totals, seconds: float) 
 class Program(NamedTuple):
     """The jitted functions of K lanes over one mesh; stacked trees have a leading lane axis."""
 
-    lanes: int
     epoch: Callable  # (states, train_data, hps) -> (states, totals); states donated, updated in place
     evaluate: Callable  # (stacked params, eval_data) -> stacked totals
     evaluate_lane: Callable  # (one lane's params, eval_data) -> totals
@@ -217,7 +216,6 @@ def compile_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progres
         lane_test = jax.vmap(test, in_axes=(0, None), spmd_axis_name=parallel.TRIALS_AXIS)
     abstract = jax.eval_shape(functools.partial(create_train_state, model), jax.random.PRNGKey(0), 0.0)
     return Program(
-        lanes=lanes,
         epoch=jax.jit(lane_epoch, donate_argnums=0, out_shardings=(stacked, stacked)),
         evaluate=jax.jit(lane_test, out_shardings=stacked),
         evaluate_lane=jax.jit(test, out_shardings=replicated),

@@ -308,18 +308,18 @@ class Driver:
 
     def tell(self, trial: optuna.Trial, status: str, error: str | None = None) -> None:
         """Closes a trial as SUCCEEDED, STOPPED or FAILED, and rewrites study.json."""
-        measurements = sorted(self.storage.get_trial(self.ids[trial.number]).intermediate_values.items())
-        if status == "SUCCEEDED" and not measurements:
+        measurements = self.storage.get_trial(self.ids[trial.number]).intermediate_values
+        value = self.measure([v for _, v in sorted(measurements.items())]) if measurements else None
+        if status == "SUCCEEDED" and value is None:
             status, error = "FAILED", f"trial reported no '{self.spec.metric}' metric"
         if status == "SUCCEEDED":
-            self.study.tell(trial, self.measure([v for _, v in measurements]))
+            self.study.tell(trial, value)
         elif status == "STOPPED":
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("error", error or "failed")
             self.study.tell(trial, state=TrialState.FAIL)
         self.running.pop(trial.number, None)
-        value = self.measure([v for _, v in measurements]) if measurements else None
         shown = f" {self.spec.metric}={value:.4f}" if value is not None else ""
         logger.info(f"trial {trial.number + 1}: {status}{shown}" + (f": {error}" if error else ""))
         summary = self.summary()
@@ -692,7 +692,7 @@ def run(args: Any, extra: Sequence[str]) -> int:
     name = args.study_name or Path(args.job_dir.rstrip("/")).name or "study"
     driver = Driver(spec, args.job_dir, args.storage or default_storage(args.job_dir), name, args.seed, extra)
     logger.info(
-        f"study {name}: {spec.max_trials} trials, {driver.summary()['search']}"
+        f"study {name}: {spec.max_trials} trials, {search.describe(spec)}"
         + (", median stopping" if spec.median_stopping else "")
         + (f", {args.vectorize} lanes" if args.vectorize > 1 else f", {spec.parallel_trials} at a time")
     )
