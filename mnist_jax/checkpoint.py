@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -29,7 +30,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from mnist_jax import storage
-from mnist_jax.config import Config
+from mnist_jax.config import LANE_GROUPS_DIR, Config
 from mnist_jax.errors import CheckpointError
 from mnist_jax.log import logger
 
@@ -38,9 +39,23 @@ SHAPING_KEYS = ("hidden_units",)
 UNREADABLE_SUFFIX = ".unreadable"
 
 
-def checkpoint_due(config: Config, epoch: int) -> bool:
-    """Whether `epoch` ends with a checkpoint: every `checkpoint_every` epochs, and the last."""
-    return epoch % config.checkpoint_every == 0 or epoch == config.epochs
+class Cadence:
+    """When a lane, or a group of lanes, saves: every N epochs (`--checkpoint-every N`), or at the first
+    epoch end at least S seconds after its last save (`--checkpoint-every Ss`). The last epoch, a stop and
+    SIGTERM save whatever the cadence says."""
+
+    def __init__(self, setting: str) -> None:
+        self.epochs = None if setting.endswith("s") else int(setting)
+        self.seconds = float(setting[:-1]) if setting.endswith("s") else None
+        self.last = time.monotonic()
+
+    def due(self, epoch: int) -> bool:
+        if self.epochs is not None:
+            return epoch % self.epochs == 0
+        return time.monotonic() - self.last >= self.seconds  # type: ignore[operator]
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def shaping(config: Config) -> dict[str, Any]:
@@ -80,14 +95,17 @@ def _cause(error: BaseException) -> str:
 
 
 class Checkpointer:
-    """An Orbax CheckpointManager with the trainer's save/restore vocabulary and fault handling."""
+    """An Orbax CheckpointManager with the trainer's save/restore vocabulary and fault handling.
+
+    Saves are synchronous: the loop runs them on its background writer (`writer.py`), so a save that
+    fails raises `SaveError` there at once, and the loop stops within an epoch.
+    """
 
     def __init__(self, directory: str, *, keep: int | None = None, create: bool = True) -> None:
         self.directory = directory
-        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(directory, options=self._options)
         self._good = self._manager.latest_step()  # newest step known to be committed
-        self._in_flight: int | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -95,39 +113,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def _failed(self, step: int | None, error: BaseException) -> SaveError:
-        good = f"step {self._good}" if self._good is not None else "none"
-        return SaveError(
-            f"saving checkpoint step {step} to {self.directory} failed: {_cause(error)}; "
-            f"the newest good checkpoint is {good} (rerun the same command, once the cause is fixed, to resume)"
-        )
-
-    def _settle(self) -> None:
-        """Waits for the save in flight; it failed: SaveError, else it becomes the newest good one."""
-        try:
-            self._manager.wait_until_finished()
-        except Exception as e:  # any failure of Orbax's writer thread: named, not re-raised raw
-            raise self._failed(self._in_flight, e) from None
-        if self._in_flight is not None:
-            self._good, self._in_flight = self._in_flight, None
-
-    def check(self) -> None:
-        """Raises SaveError if a save that has already finished failed; never waits."""
-        try:
-            self._manager.check_for_errors()
-        except Exception as e:
-            raise self._failed(self._in_flight, e) from None
-
-    def save(self, state: Any, meta: dict[str, Any]) -> None:
-        """Starts an asynchronous save of `state` under its global step (after the previous one committed)."""
-        self._settle()
-        step = int(jax.device_get(state.step))
+    def save(self, state: Any, meta: dict[str, Any], step: int | None = None) -> None:
+        """Saves `state` under `step` (default: its global step), with `meta` beside it; SaveError if it cannot."""
+        step = int(jax.device_get(state.step)) if step is None else step
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
             self._manager.save(step, args=args, force=True)
-        except Exception as e:
-            raise self._failed(step, e) from None
-        self._in_flight = step
+            self._manager.wait_until_finished()
+        except Exception as e:  # any failure of Orbax's writer: named, not re-raised raw
+            good = f"step {self._good}" if self._good is not None else "none"
+            raise SaveError(
+                f"saving checkpoint step {step} to {self.directory} failed: {_cause(e)}; "
+                f"the newest good checkpoint is {good} (rerun the same command, once the cause is fixed, to resume)"
+            ) from None
+        self._good = step
 
     def restore_latest(self, abstract_state: Any, sharding: Sharding, shaping: dict[str, Any]) -> Any | None:
         """The newest readable checkpoint's state on `sharding` (any device count), or None if there is none.
@@ -193,11 +192,7 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def close(self) -> None:
-        """Waits for pending asynchronous saves to commit (SaveError if one failed), then releases the manager."""
-        try:
-            self._settle()
-        finally:
-            self._manager.close()
+        self._manager.close()
 
 
 def load_params(directory: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
@@ -215,3 +210,77 @@ def load_params(directory: str, step: int | None = None) -> tuple[Any, dict[str,
         return ckpt.restore_params(step), ckpt.restore_meta(step)["config"], step
     finally:
         ckpt.close()
+
+
+class LaneGroup:
+    """The stacked states of a loop's K lanes, saved together through one Orbax manager.
+
+    Each save is one step of the group's own directory, with a manifest naming,
+    for each lane that holds a trial, the trial's checkpoint directory, its
+    epoch and its lane. A trial resumes from whichever is newer: its own
+    checkpoint (written when it leaves its lane) or a group's copy of its lane.
+    """
+
+    def __init__(self, job_dir: str, name: str) -> None:
+        self.root = storage.join(job_dir, LANE_GROUPS_DIR)
+        self.directory = manager_path(storage.join(self.root, name))
+        self._checkpointer: Checkpointer | None = None
+        self._saves = 0
+        self._restored: dict[tuple[str, int], Any] = {}  # (directory, step) -> stacked state, read once
+
+    def save(self, states: Any, trials: dict[str, dict[str, int]], shaping: dict[str, Any]) -> None:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self.directory, keep=2)
+        self._saves += 1
+        lanes = int(jax.tree.leaves(states)[0].shape[0])
+        meta = {"lanes": lanes, "shaping": shaping, "trials": trials}
+        self._checkpointer.save(states, meta, step=self._saves)
+
+    def find(self) -> dict[str, dict[str, Any]]:
+        """Every group's newest copy of each trial: {checkpoint dir: {epoch, lane, directory, step, lanes}}."""
+        found: dict[str, dict[str, Any]] = {}
+        fs, root = storage.filesystem(self.root)
+        if not fs.isdir(root):
+            return found
+        for path in sorted(fs.ls(root, detail=False)):
+            directory = manager_path(storage.join(self.root, path.rstrip("/").rsplit("/", 1)[-1]))
+            group = Checkpointer(directory, create=False)
+            try:
+                step = group.latest_step()
+                meta = group.restore_meta(step) if step is not None else None
+            except Exception as e:  # a damaged group only costs the epochs since its trials' own checkpoints
+                logger.warning(f"lane group {directory} is unreadable ({_cause(e)}); its trials use their own")
+                meta = None
+            finally:
+                group.close()
+            for trial, entry in (meta or {}).get("trials", {}).items():
+                if entry["epoch"] > found.get(trial, {}).get("epoch", -1):
+                    found[trial] = {**entry, "directory": directory, "step": step, "lanes": meta["lanes"]}
+        return found
+
+    def restore_lane(self, entry: dict[str, Any], abstract_state: Any, sharding: Sharding) -> Any:
+        """Lane `entry["lane"]` of the group save `entry` names (the stacked state is read once per save)."""
+        key = (entry["directory"], entry["step"])
+        if key not in self._restored:
+            lanes = entry["lanes"]
+            target = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct((lanes, *x.shape), x.dtype, sharding=sharding), abstract_state
+            )
+            group = Checkpointer(entry["directory"], create=False)
+            try:
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                self._restored[key] = group._manager.restore(entry["step"], args=args).state
+            finally:
+                group.close()
+        return jax.tree.map(lambda a: a[entry["lane"]], self._restored[key])
+
+    def remove(self, directories: list[str]) -> None:
+        """Deletes group directories whose every trial has since saved its own checkpoint."""
+        self._restored.clear()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+        for directory in directories:
+            fs, path = storage.filesystem(directory)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)

@@ -39,6 +39,7 @@ from mnist_jax.errors import ConfigError
 DEFAULT_TRAIN_FILE = "data/mnist.pkl"
 DEFAULT_JOB_DIR = "./tmp/mnist_mlp"
 DEFAULT_HPT_METRIC_FILE = "/tmp/hypertune/output.metrics"  # cloudml-hypertune's default
+LANE_GROUPS_DIR = "lanes"  # under a study's job dir: each run of lanes saves its group there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Config:
     seed: int = 0
     hidden_units: int = 512  # width of both hidden layers; shapes the checkpoint
     validation_split: float = 0.0  # fraction held out from the end of the training set; 0: validate on test
-    checkpoint_every: int = 1  # epochs between checkpoints
+    checkpoint_every: str = "30s"  # "N": every N epochs; "Ss": at the first epoch end S seconds after the last save
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     # Output locations; parse_args resolves them (flag, else Vertex variable, else under job_dir).
     model_dir: str = DEFAULT_JOB_DIR  # model.h5
@@ -128,6 +129,23 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 _positive = _int_at_least(1)
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _cadence(text: str) -> str:
+    """`N` epochs (an integral float too) as "N", or a duration with a unit as seconds, "Ss"."""
+    unit = text[-1:].lower()
+    if unit not in _UNITS:
+        return str(_positive(text))
+    try:
+        seconds = float(text[:-1]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs or a duration such as 30s, got {text!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be a duration >= 0, got {text}")
+    return f"{seconds:g}s"
+
+
 _rate = _float_in(0, 1, low_open=False, high_open=True)
 
 
@@ -171,7 +189,13 @@ FLAGS = (
         "hold out this last fraction of the training set for the val_* metrics and the tuning metric; "
         "0 validates on the test set",
     ),
-    Flag("checkpoint_every", _positive, "save a checkpoint every N epochs (and always after the last)"),
+    Flag(
+        "checkpoint_every",
+        _cadence,
+        "save a checkpoint every N epochs, or with a unit (30s, 5m, 1h) at the first epoch end that long after "
+        "the last save; the last epoch, a stop and SIGTERM always save",
+        "N|DURATION",
+    ),
     Flag("keep_checkpoints", _positive, "how many of the newest checkpoints to keep"),
     Flag("model_dir", _text, "where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)", "DIR"),
     Flag(

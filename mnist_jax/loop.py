@@ -21,17 +21,21 @@ only process 0 writes outputs (every process takes part in Orbax saves).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import socket
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_jax import checkpoint, data, download, export, metrics, parallel, steps, storage
+from mnist_jax import checkpoint, data, download, export, metrics, parallel, steps, storage, writer
 from mnist_jax.config import Config
 from mnist_jax.errors import ConfigError, MnistJaxError
 from mnist_jax.log import logger
@@ -51,13 +55,22 @@ class Outcome(NamedTuple):
 
 
 class TrialSource(Protocol):
-    """Where a loop's trials come from, and who hears how they go."""
+    """Where a loop's trials come from, and who hears how they go.
+
+    `next_trial` and `decide` run on the loop's own thread, between an epoch's
+    host sync and the next epoch's dispatch, so `decide` must not wait on I/O;
+    `report`, `trial_done` and `say` run in order on the loop's background
+    writer, while the device trains.
+    """
 
     def next_trial(self) -> Config | None:
         """The next trial for a free lane; None when there is none (the lane stays free)."""
 
-    def epoch_done(self, config: Config, record: dict[str, Any]) -> bool:
-        """Hears a trial's epoch record; True stops the trial (it is checkpointed, then freed)."""
+    def decide(self, ended: Sequence[tuple[Config, dict[str, Any]]]) -> list[bool]:
+        """Which of the trials that just ended an epoch (with these records) stop here."""
+
+    def report(self, ended: Sequence[tuple[Config, dict[str, Any]]]) -> None:
+        """Hears an epoch's records, all lanes at once."""
 
     def trial_done(self, config: Config, outcome: Outcome) -> None:
         """Hears that a trial left its lane; its outputs are complete."""
@@ -90,18 +103,21 @@ def write_config(config: Config, train_file: str, lanes: int) -> None:
 
 @dataclasses.dataclass
 class Lane:
+    """A trial in a lane. `reporter` and `checkpointer` are used on the writer thread alone."""
+
     config: Config
-    checkpointer: checkpoint.Checkpointer
-    reporter: metrics.Reporter | None
     epoch: int  # completed epochs
+    checkpointer: checkpoint.Checkpointer | None = None  # the trial's own; opened at its first save or restore
+    reporter: metrics.Reporter | None = None
 
     def close(self) -> None:
-        """Commits the lane's saves and closes its reports (SaveError if a save failed)."""
+        """Draws the final curves and closes the lane's reports and checkpoint manager."""
         try:
-            self.checkpointer.close()
-        finally:
             if self.reporter is not None:
                 self.reporter.close()
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
 
 
 def _lane(tree: Any, k: int) -> Any:
@@ -113,6 +129,11 @@ class Loop:
 
     def __init__(self, base: Config, source: TrialSource, lanes: int) -> None:
         self.base, self.source, self.is_main = base, source, jax.process_index() == 0
+        if lanes > 1 and jax.process_count() > 1:
+            raise ConfigError(
+                f"--vectorize {lanes}: lanes train in one process; with {jax.process_count()} processes, "
+                "run each trial as a process of its own (--vectorize 1)"
+            )
         self.mesh = parallel.make_mesh(lanes)
         parallel.check_batch_size(base.batch_size, self.mesh)
         self.train_file = download.resolve_train_file(base.train_file)
@@ -139,6 +160,16 @@ class Loop:
             steps.Hyperparams(*(np.zeros(lanes, np.float32),) * 2), parallel.lanes_sharded(self.mesh)
         )
         self.slots: list[Lane | None] = [None] * lanes
+        self.writer = writer.Writer()
+        self.cadence = checkpoint.Cadence(base.checkpoint_every)  # a solo lane's, or the group's
+        self.group_epochs = 0
+        # Lanes of several trials save as one group; a group's copy of a trial newer than its own
+        # checkpoint (left by a run that was killed) is where the trial resumes.
+        self.group = None
+        if lanes > 1:
+            name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+            self.group = checkpoint.LaneGroup(base.job_dir, name)
+        self.copies = self.group.find() if self.group is not None else {}
         if lanes == 1:
             self.say(metrics.model_summary(self.abstract.params, (base.dropout_one, base.dropout_two)))
         parameters = count_params(self.abstract.params)
@@ -151,13 +182,15 @@ class Loop:
     def _progress(self, done: jax.Array) -> None:
         self.bar.update(int(done))  # type: ignore[union-attr]
 
-    def say(self, message: str, config: Config | None = None) -> None:
-        """A line for the console, or for `config`'s trial's output; process 0 alone speaks."""
+    def say(self, message: str) -> None:
+        """A line for the console; process 0 alone speaks."""
         if self.is_main:
-            if config is None:
-                logger.info(message)
-            else:
-                self.source.say(config, message)
+            logger.info(message)
+
+    def say_lane(self, config: Config, message: str) -> None:
+        """A line of `config`'s trial's output, written in order on the writer."""
+        if self.is_main:
+            self.writer.submit(lambda: self.source.say(config, message))
 
     # --- lanes in and out ---------------------------------------------------
 
@@ -170,21 +203,33 @@ class Loop:
                     return
                 lane = self.start(k, config)
 
+    def restore(self, config: Config) -> tuple[Any, checkpoint.Checkpointer | None]:
+        """The trial's newest state, from its own checkpoint or a lane group's copy (None: start afresh)."""
+        directory = checkpoint.manager_path(config.checkpoint_dir)
+        own, state = None, None
+        if storage.exists(config.checkpoint_dir):
+            own = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
+            try:
+                state = own.restore_latest(self.abstract, parallel.replicated(self.mesh), checkpoint.shaping(config))
+            except BaseException:
+                own.close()
+                raise
+        copy = self.copies.get(directory)
+        if copy is not None and copy["epoch"] > (int(state.epoch) if state is not None else 0):
+            state = self.group.restore_lane(copy, self.abstract, parallel.replicated(self.mesh))  # type: ignore[union-attr]
+        return state, own
+
     def start(self, k: int, config: Config) -> Lane | None:
         """Puts `config`'s trial in lane k: restored from its checkpoint, or fresh from its seed."""
         try:
             check_compatible(self.base, config)
         except ConfigError as e:
-            self.source.trial_done(config, Outcome("FAILED", 0, error=str(e)))
+            outcome = Outcome("FAILED", 0, error=str(e))
+            self.writer.submit(lambda: self.source.trial_done(config, outcome))
             return None
         if self.is_main:
             write_config(config, self.train_file, len(self.slots))
-        ckpt = checkpoint.Checkpointer(checkpoint.manager_path(config.checkpoint_dir), keep=config.keep_checkpoints)
-        try:
-            state = ckpt.restore_latest(self.abstract, parallel.replicated(self.mesh), checkpoint.shaping(config))
-        except BaseException:
-            ckpt.close()
-            raise
+        state, own = self.restore(config)
         resumed = state is not None
         learning_rate = jnp.float32(config.learning_rate)
         if resumed:  # the flags' rate wins over the checkpoint's (the same command: the same rate)
@@ -196,41 +241,52 @@ class Loop:
         epoch = int(state.epoch)
         self.states = self.program.put(self.states, k, state)
         self.hps = self.program.put(self.hps, k, steps.hyperparams(config))
-        reporter = metrics.Reporter(config) if self.is_main else None
-        if reporter is not None:
-            reporter.resume(epoch)
-        lane = self.slots[k] = Lane(config, ckpt, reporter, epoch)
+        lane = self.slots[k] = Lane(config, epoch, own)
+        if self.is_main:
+            self.writer.submit(lambda: self.open_reports(lane, epoch))
         if resumed:
-            self.say(f"Resuming from epoch {epoch} (step {int(state.step)})", config)
+            self.say_lane(config, f"Resuming from epoch {epoch} (step {int(state.step)})")
         if epoch >= config.epochs:  # nothing left to train: report the restored model
             self.finish(k, None)
             return None
         return lane
 
-    def save(self, k: int) -> None:
-        lane = self.slots[k]
-        assert lane is not None
-        lane.checkpointer.save(self.program.take(self.states, k), checkpoint.record(lane.config, lane.epoch))
+    def open_reports(self, lane: Lane, epoch: int) -> None:
+        """On the writer: the lane's reports, continuing the records its checkpoint covers."""
+        redraw = metrics.REDRAW_S if len(self.slots) == 1 else None  # a lane's curves: when its trial ends
+        lane.reporter = metrics.Reporter(lane.config, redraw)
+        lane.reporter.resume(epoch)
+
+    def save(self, lane: Lane, state: Any, epoch: int) -> None:
+        """On the writer: the trial's own checkpoint of `state`, its epoch `epoch`."""
+        if lane.checkpointer is None:
+            directory = checkpoint.manager_path(lane.config.checkpoint_dir)
+            lane.checkpointer = checkpoint.Checkpointer(directory, keep=lane.config.keep_checkpoints)
+        lane.checkpointer.save(state, checkpoint.record(lane.config, epoch))
 
     def finish(self, k: int, validation: steps.Totals | None) -> None:
         """Lane k has trained its epochs: test, export `model.h5`, free the lane."""
         lane = self.slots[k]
         assert lane is not None
-        config = lane.config
-        params = self.program.take(self.states.params, k)
-        if validation is None or self.data.test is not None:
-            validation = jax.device_get(self.program.evaluate_lane(params, self.data.test or self.data.validation))
-        test_loss = float(validation.loss_sum / validation.count)
-        test_accuracy = float(validation.correct / validation.count)
         self.slots[k] = None
+        params = self.program.take(self.states.params, k)
+        test = validation  # the validation set is the test set unless a split holds some back
+        if validation is None or self.data.test is not None:
+            test = self.program.evaluate_lane(params, self.data.test or self.data.validation)
+        self.writer.submit(lambda: self.export(lane, params, test))
+
+    def export(self, lane: Lane, params: Any, test: steps.Totals) -> None:
+        """On the writer: a finished trial's test results and `model.h5`; then its source hears of it."""
+        config = lane.config
+        totals = jax.device_get(test)
         lane.close()
         if self.is_main:
-            self.say(f"Test loss: {test_loss:.4f}", config)
-            self.say(f"Test accuracy: {test_accuracy:.4f}", config)
+            self.source.say(config, f"Test loss: {float(totals.loss_sum / totals.count):.4f}")
+            self.source.say(config, f"Test accuracy: {float(totals.correct / totals.count):.4f}")
             model_path = storage.join(config.model_dir, "model.h5")
             rates = (config.dropout_one, config.dropout_two)
             export.write_model(model_path, jax.device_get(params), rates, config.learning_rate)
-            self.say(f"Saved {model_path}", config)
+            self.source.say(config, f"Saved {model_path}")
         self.source.trial_done(config, Outcome("SUCCEEDED", lane.epoch))
 
     def end(self, k: int, outcome: Outcome) -> None:
@@ -238,8 +294,12 @@ class Loop:
         lane = self.slots[k]
         assert lane is not None
         self.slots[k] = None
-        lane.close()
-        self.source.trial_done(lane.config, outcome)
+
+        def done() -> None:
+            lane.close()
+            self.source.trial_done(lane.config, outcome)
+
+        self.writer.submit(done)
 
     # --- the epochs ------------------------------------------------------------
 
@@ -254,38 +314,71 @@ class Loop:
             seconds = time.perf_counter() - started
             if self.bar is not None:
                 self.bar.clear()
-            self.end_epoch(train_host, validation_host, seconds, preemption)
+            self.writer.check()  # a write of an earlier epoch that failed stops the job here
+            self.end_epoch(train_host, validation_host, seconds, preemption.requested)
+            if self.bar is not None:
+                self.writer.flush()  # the epoch's line before the next epoch's bar
             if preemption.requested:
                 if any(lane is not None for lane in self.slots):
+                    self.writer.flush()
                     raise Preempted(self.preempted_message())
                 return  # every trial in hand is done; take no new one
             self.fill()
 
-    def end_epoch(
-        self, train: steps.Totals, validation: steps.Totals, seconds: float, preemption: PreemptionGuard
-    ) -> None:
-        """Per lane: report; checkpoint when due; finish it or stop it when it is done."""
+    def end_epoch(self, train: steps.Totals, validation: steps.Totals, seconds: float, preempted: bool) -> None:
+        """Decides every lane's epoch end from the host copies of its totals, then hands the writes to the writer:
+        records for every lane; a checkpoint when due; finish a lane or stop it when it is done."""
+        self.group_epochs += 1
+        ended: list[tuple[int, Lane, dict[str, Any]]] = []
         for k, lane in enumerate(self.slots):
             if lane is None:
                 continue
             lane.epoch += 1
-            config = lane.config
-            lane.checkpointer.check()
             try:
-                record = steps.epoch_record(lane.epoch, _lane(train, k), _lane(validation, k), seconds)
+                ended.append((k, lane, steps.epoch_record(lane.epoch, _lane(train, k), _lane(validation, k), seconds)))
             except MnistJaxError as e:
                 self.end(k, Outcome("FAILED", lane.epoch, error=str(e)))
-                continue
-            self.say(metrics.epoch_line(record, config.epochs), config)
-            if lane.reporter is not None:
-                lane.reporter.write(record)
-            stop = self.source.epoch_done(config, record) and lane.epoch < config.epochs
-            if checkpoint.checkpoint_due(config, lane.epoch) or stop or preemption.requested:
-                self.save(k)
-            if lane.epoch >= config.epochs:
+        if not ended:
+            return
+        trials = [(lane.config, record) for _, lane, record in ended]
+        stops = self.source.decide(trials)
+        if self.is_main:
+            self.writer.submit(lambda: self.write_records(ended))
+            self.writer.submit(lambda: self.source.report(trials))
+        solo = len(self.slots) == 1
+        for (k, lane, _), stop in zip(ended, stops):
+            final = lane.epoch >= lane.config.epochs
+            if final or stop or preempted or (solo and self.cadence.due(lane.epoch)):
+                state, epoch = self.program.take(self.states, k), lane.epoch
+                self.writer.submit(lambda lane=lane, state=state, epoch=epoch: self.save(lane, state, epoch))
+                if solo:
+                    self.cadence.saved()
+            if final:
                 self.finish(k, _lane(validation, k))
-            elif stop:
+            elif stop and not preempted:
                 self.end(k, Outcome("STOPPED", lane.epoch))
+        if not solo and not preempted and self.cadence.due(self.group_epochs):
+            self.save_group()
+
+    def write_records(self, ended: list[tuple[int, Lane, dict[str, Any]]]) -> None:
+        """On the writer: each lane's epoch line and reports."""
+        for _, lane, record in ended:
+            self.source.say(lane.config, metrics.epoch_line(record, lane.config.epochs))
+            assert lane.reporter is not None
+            lane.reporter.write(record)
+
+    def save_group(self) -> None:
+        """One save of every lane still training (a copy of the states, taken before the next epoch)."""
+        held = {
+            checkpoint.manager_path(lane.config.checkpoint_dir): {"lane": k, "epoch": lane.epoch}
+            for k, lane in enumerate(self.slots)
+            if lane is not None
+        }
+        if not held:
+            return
+        states, shaping = self.program.copy(self.states), checkpoint.shaping(self.base)
+        self.writer.submit(lambda: self.group.save(states, held, shaping))  # type: ignore[union-attr]
+        self.cadence.saved()
 
     def preempted_message(self) -> str:
         saved = [lane for lane in self.slots if lane is not None]
@@ -293,23 +386,29 @@ class Loop:
             (lane,) = saved
             return (
                 f"SIGTERM: saved epoch {lane.epoch} (step {int(self.states.step[0])}) to "
-                f"{lane.checkpointer.directory}; rerun the same command to continue"
+                f"{lane.config.checkpoint_dir}; rerun the same command to continue"
             )
         detail = ", ".join(f"trial {lane.config.trial_id} at epoch {lane.epoch}" for lane in saved)
         return f"SIGTERM: saved {len(saved)} lanes ({detail or 'none running'}); rerun the same command to continue"
 
-    def close(self, *, quiet: bool) -> None:
-        """Closes every lane still held; the first save failure is raised unless `quiet` (already failing)."""
-        errors = []
-        for k, lane in enumerate(self.slots):
-            if lane is not None:
-                self.slots[k] = None
-                try:
-                    lane.close()
-                except MnistJaxError as e:
-                    errors.append(e)
-        if errors and not quiet:
-            raise errors[0]
+    def close(self, *, failed: bool) -> None:
+        """Finishes the writer's work and closes every lane still held; the first write failure is raised unless
+        the loop is `failed` already. Once every trial in hand has its own checkpoint, the group's is removed."""
+        try:
+            self.writer.flush()
+        except BaseException:
+            if not failed:
+                raise
+            failed = True
+        finally:
+            for k, lane in enumerate(self.slots):
+                if lane is not None:
+                    self.slots[k] = None
+                    with contextlib.suppress(MnistJaxError):
+                        lane.close()
+            self.writer.close()
+        if self.group is not None and not failed:
+            self.group.remove([self.group.directory])
 
 
 def train_lanes(base: Config, source: TrialSource, lanes: int) -> None:
@@ -318,7 +417,10 @@ def train_lanes(base: Config, source: TrialSource, lanes: int) -> None:
     with PreemptionGuard() as preemption:
         try:
             loop.run(preemption)
-        except BaseException:
-            loop.close(quiet=True)
+        except Preempted:
+            loop.close(failed=False)
             raise
-        loop.close(quiet=False)
+        except BaseException:
+            loop.close(failed=True)
+            raise
+        loop.close(failed=False)

@@ -1,15 +1,13 @@
 """Where metrics go: the console (Keras-style lines and progress bar), `metrics.jsonl`,
 TensorBoard events, `curves.png` and the tuning metric, all fed at once by `Reporter.write`.
 
-Only process 0 reports (the trainer builds a `Reporter` there alone).
-`metrics.jsonl` holds one JSON object per epoch; it is kept in memory and
-rewritten atomically after each epoch, so a crash never leaves a torn line and
-a resumed job drops epochs its checkpoint does not cover. `curves.png` is
-redrawn from the same records after each epoch by one low-priority thread
-shared by every reporter of the process (`PLOTTER`): a drawing costs far more
-CPU than an epoch's other reporting (README, Performance), so drawings not yet
-started are replaced by newer ones, and closing a reporter waits for its final
-curves.
+Only process 0 reports (the trainer builds a `Reporter` there alone), on the
+loop's background writer. `metrics.jsonl` holds one JSON object per epoch; it
+is kept in memory and rewritten atomically after each epoch, so a crash never
+leaves a torn line and a resumed job drops epochs its checkpoint does not
+cover. A drawing of `curves.png` costs far more than an epoch's other reporting
+(README, Performance), so it is drawn when the job ends and, for the solo job,
+at most every `REDRAW_S` while it trains.
 
 Files we write are written atomically; TensorBoard's event file is appended
 by tensorboardX, and cloudml-hypertune rewrites its metric file in place.
@@ -17,14 +15,12 @@ by tensorboardX, and cloudml-hypertune rewrites its metric file in place.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import io
 import json
 import os
 import sys
-import threading
-from collections.abc import Callable
+import time
 from typing import Any, TextIO
 
 from mnist_jax import storage
@@ -33,6 +29,8 @@ from mnist_jax.config import Config
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # The settings shown as hyperparameters in TensorBoard.
 HPARAMS = ("learning_rate", "dropout_one", "dropout_two", "batch_size", "epochs", "seed", "hidden_units")
+FLUSH_S = 5  # TensorBoard's events reach the file at most this long after they are written
+REDRAW_S = 5  # the solo job's curves.png is redrawn at most this often
 
 
 def model_summary(params: Any, dropout_rates: tuple[float, float]) -> str:
@@ -118,7 +116,7 @@ class TensorBoardLog:
         from tensorboardX import SummaryWriter
         from tensorboardX.summary import hparams as hparams_summaries
 
-        self._writer = SummaryWriter(log_dir)
+        self._writer = SummaryWriter(log_dir, flush_secs=FLUSH_S)
         for summary in hparams_summaries(hparams, {"accuracy/validation": 0.0}):
             self._writer.file_writer.add_summary(summary)
 
@@ -129,7 +127,6 @@ class TensorBoardLog:
             self._writer.add_scalar(f"{name}/validation", record[f"val_{name}"], epoch)
         self._writer.add_scalar("learning_rate", learning_rate, epoch)
         self._writer.add_scalar("epoch_time_s", record["epoch_time_s"], epoch)
-        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
@@ -158,72 +155,14 @@ def curves_png(records: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-class Plotter:
-    """One low-priority thread per process that draws every job's newest curves, one job at a time.
-
-    A job's drawing not yet started is replaced by a newer one, so however many
-    lanes report, drawing takes at most one core and each job's file shows its
-    newest records. `wait` returns once a job's last submitted drawing is
-    written, and re-raises its failure.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Callable[[], None]] = {}  # oldest request first
-        self._busy: str | None = None
-        self._errors: dict[str, BaseException] = {}
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, key: str, job: Callable[[], None]) -> None:
-        with self._wake:
-            self._raise_error(key)
-            self._pending[key] = job
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="curves", daemon=True)
-                self._thread.start()
-            self._wake.notify_all()
-
-    def wait(self, key: str) -> None:
-        with self._wake:
-            while key in self._pending or self._busy == key:
-                self._wake.wait()
-            self._raise_error(key)
-
-    def _raise_error(self, key: str) -> None:
-        error = self._errors.pop(key, None)
-        if error is not None:
-            raise error
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # Linux nices threads one by one
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        while True:
-            with self._wake:
-                while not self._pending:
-                    self._wake.wait()
-                key = next(iter(self._pending))
-                job = self._pending.pop(key)
-                self._busy = key
-            error = None
-            try:
-                job()
-            except BaseException as e:  # handed to the job's reporter by submit/wait
-                error = e
-            with self._wake:
-                if error is not None:
-                    self._errors[key] = error
-                self._busy = None
-                self._wake.notify_all()
-
-
-PLOTTER = Plotter()
-
-
 class Reporter:
     """Every sink of one job's epoch records: metrics.jsonl, TensorBoard, curves.png and the
-    hyperparameter-tuning metric (validation accuracy, in the cloudml-hypertune format)."""
+    hyperparameter-tuning metric (validation accuracy, in the cloudml-hypertune format).
 
-    def __init__(self, config: Config) -> None:
+    `redraw_s`: curves.png is redrawn at most that often while the job trains (None: only at the end).
+    """
+
+    def __init__(self, config: Config, redraw_s: float | None) -> None:
         import hypertune
 
         self.log = MetricsLog(config.job_dir)
@@ -239,6 +178,7 @@ class Reporter:
         self.tuning.trial_id = config.trial_id or "0"
         os.makedirs(os.path.dirname(os.path.abspath(config.hpt_metric_file)), exist_ok=True)
         self.tuning_tag = config.hpt_metric_tag
+        self.redraw_s, self.drawn = redraw_s, time.monotonic()
 
     def resume(self, completed_epochs: int) -> None:
         self.log.resume(completed_epochs)
@@ -249,12 +189,17 @@ class Reporter:
         self.tuning.report_hyperparameter_tuning_metric(
             hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"]
         )
-        records = list(self.log.records)
-        PLOTTER.submit(self.curves_path, lambda: storage.write_bytes_atomic(self.curves_path, curves_png(records)))
+        if self.redraw_s is not None and time.monotonic() - self.drawn >= self.redraw_s:
+            self.draw()
+
+    def draw(self) -> None:
+        storage.write_bytes_atomic(self.curves_path, curves_png(self.log.records))
+        self.drawn = time.monotonic()
 
     def close(self) -> None:
-        """Waits for the final curves; closes TensorBoard's file."""
+        """Draws the final curves; closes TensorBoard's file."""
         try:
-            PLOTTER.wait(self.curves_path)
+            if self.log.records:
+                self.draw()
         finally:
             self.tensorboard.close()

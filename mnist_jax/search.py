@@ -8,7 +8,12 @@ Optuna does the searching; this module only maps Vertex AI's vocabulary onto it:
   when the study is created (so workers sharing a study cannot run one twice);
 - medianAutomatedStoppingSpec / enableTrialEarlyStopping: Optuna's median
   pruner over the per-epoch metric (a trial is stopped when its best value so
-  far is worse than the median of completed trials at the same epoch).
+  far is worse than the median of completed trials at the same epoch). It
+  compares with completed trials only, so it cannot stop a study whose trials
+  all run at once;
+- `tune run --stopping halving`, an extension Vertex does not have: Optuna's
+  successive halving (asynchronous, ASHA), which compares a trial with every
+  trial that reached the same epoch, running ones included.
 
 Scale types: linear and log are Optuna's own uniform and log-uniform draws,
 the same formulas as Vertex. Optuna has no reverse log, so a reverse-log
@@ -30,6 +35,9 @@ from mnist_jax.study import Parameter, Study
 MIRRORED = ":mirrored"
 # A median over fewer completed trials than this is noise, not evidence.
 MEDIAN_STARTUP_TRIALS = 3
+# Successive halving keeps the best 1/HALVING_FACTOR of the trials at epochs 1, 3, 9, ...
+HALVING_FACTOR = 3
+STOPPING = ("config", "median", "halving", "none")
 
 
 def describe(study: Study) -> str:
@@ -54,9 +62,28 @@ def sampler(study: Study, seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)  # grid trials arrive enqueued, with every value fixed
 
 
-def pruner(study: Study) -> optuna.pruners.BasePruner:
-    if study.median_stopping:
+def stopping(study: Study, choice: str) -> str:
+    """The stopping rule that runs: `choice` ("config": what the study config says), in STOPPING's words."""
+    if choice == "config":
+        return "median" if study.median_stopping else "none"
+    return choice
+
+
+def describe_stopping(rule: str) -> str:
+    return {
+        "median": "median (Optuna MedianPruner, against completed trials; Vertex's medianAutomatedStoppingSpec)",
+        "halving": f"successive halving (Optuna SuccessiveHalvingPruner, reduction factor {HALVING_FACTOR}, "
+        "against every trial that reached the same epoch; an extension Vertex does not have)",
+        "none": "none",
+    }[rule]
+
+
+def pruner(study: Study, choice: str = "config") -> optuna.pruners.BasePruner:
+    rule = stopping(study, choice)
+    if rule == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
+    if rule == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=HALVING_FACTOR)
     return optuna.pruners.NopPruner()
 
 

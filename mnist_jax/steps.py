@@ -198,6 +198,7 @@ class Program(NamedTuple):
     blank: Callable  # () -> K lanes' states, all zeros (idle lanes)
     put: Callable  # (stacked, k, tree) -> stacked with lane k replaced; stacked donated
     take: Callable  # (stacked, k) -> lane k's tree
+    copy: Callable  # (stacked) -> a copy that outlives the donation of the original to the next epoch
 
 
 def compile_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progress: Callable | None = None) -> Program:
@@ -239,6 +240,7 @@ def compile_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progres
             lambda tree, k: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, 0, keepdims=False), tree),
             out_shardings=replicated,
         ),
+        copy=jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=stacked),
     )
 
 

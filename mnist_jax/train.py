@@ -27,8 +27,11 @@ class OneTrial:
     def next_trial(self) -> Config | None:
         return self.pending.pop() if self.pending else None
 
-    def epoch_done(self, config: Config, record: dict) -> bool:
-        return False
+    def decide(self, ended: Sequence[tuple[Config, dict]]) -> list[bool]:
+        return [False] * len(ended)
+
+    def report(self, ended: Sequence[tuple[Config, dict]]) -> None:
+        pass
 
     def trial_done(self, config: Config, outcome: loop.Outcome) -> None:
         if outcome.status == "FAILED":

@@ -1,0 +1,166 @@
+"""The study's record: trial statuses, `study.json`'s content, the progress line, the leaderboard and `study.png`.
+
+Everything here is a pure function of the trials (Optuna `FrozenTrial`s, as a
+snapshot of the storage gives them) and the study's spec: no storage, no files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_jax.study import Study
+
+OWNER = "mnist_jax:owner"  # a trial's system attribute: the worker that runs it
+
+
+class Status(enum.StrEnum):
+    """A trial's state, in Vertex AI's words."""
+
+    SUCCEEDED = "SUCCEEDED"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+    ACTIVE = "ACTIVE"
+    REQUESTED = "REQUESTED"
+
+    @classmethod
+    def of(cls, state: TrialState) -> Status:
+        return {
+            TrialState.COMPLETE: cls.SUCCEEDED,
+            TrialState.PRUNED: cls.STOPPED,
+            TrialState.FAIL: cls.FAILED,
+            TrialState.RUNNING: cls.ACTIVE,
+            TrialState.WAITING: cls.REQUESTED,
+        }[state]
+
+
+def measure(spec: Study, values: Sequence[float]) -> float:
+    """A trial's metric from its measurements, per the study's measurementSelectionType."""
+    if spec.measurement_selection == "BEST_MEASUREMENT":
+        return max(values) if spec.goal == "MAXIMIZE" else min(values)
+    return values[-1]
+
+
+def trial_record(spec: Study, t: FrozenTrial) -> dict[str, Any]:
+    """One trial as study.json shows it."""
+    measurements = [[step, value] for step, value in sorted(t.intermediate_values.items())]
+    status = Status.of(t.state)
+    metric = None
+    if status in (Status.SUCCEEDED, Status.STOPPED) and measurements:
+        metric = measure(spec, [v for _, v in measurements])
+    record = {
+        "id": t.number + 1,
+        "status": status.value,
+        "params": t.user_attrs["params"],
+        "metric": metric,
+        "measurements": measurements,
+        "job_dir": t.user_attrs.get("job_dir"),
+        "worker": "{host}:{pid}".format(**t.system_attrs[OWNER]) if OWNER in t.system_attrs else None,
+    }
+    if "error" in t.user_attrs:
+        record["error"] = t.user_attrs["error"]
+    return record
+
+
+def summary(spec: Study, trials: Sequence[FrozenTrial], header: dict[str, Any]) -> dict[str, Any]:
+    """study.json's content: `header` (name, storage, search...), the study's status, its trials and the best."""
+    records = [trial_record(spec, t) for t in trials if "params" in t.user_attrs]  # else a slot not yet taken
+    scored = [t for t in records if t["metric"] is not None]
+    pick = max if spec.goal == "MAXIMIZE" else min
+    best = pick(scored, key=lambda t: t["metric"]) if scored else None
+    failed = sum(t["status"] == Status.FAILED for t in records)
+    unfinished = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    if failed >= spec.max_failed_trials or (not unfinished and not scored):
+        status = Status.FAILED  # as on Vertex: maxFailedTrials reached, or nothing succeeded
+    else:
+        status = Status.ACTIVE if unfinished else Status.SUCCEEDED
+    return {
+        **header,
+        "measurement_selection": spec.measurement_selection,
+        "goal": spec.goal,
+        "metric": spec.metric,
+        "max_trials": spec.max_trials,
+        "status": status.value,
+        "trials": records,
+        "best": best,
+    }
+
+
+def epochs_left(summary: dict[str, Any], epochs: int) -> int:
+    """Trial-epochs the study has yet to train, if every trial trains `epochs`."""
+    active = sum(epochs - len(t["measurements"]) for t in summary["trials"] if t["status"] == Status.ACTIVE)
+    return max(active + (summary["max_trials"] - len(summary["trials"])) * epochs, 0)
+
+
+def progress_line(summary: dict[str, Any], eta_s: float | None) -> str:
+    """`study: 5/12 done (3 succeeded, 2 stopped, 0 failed), 2 running; best trial 4 accuracy=0.97; ETA 0:00:31`"""
+    count = {s: sum(t["status"] == s for t in summary["trials"]) for s in Status}
+    done = count[Status.SUCCEEDED] + count[Status.STOPPED] + count[Status.FAILED]
+    best = summary["best"]
+    return (
+        f"study: {done}/{summary['max_trials']} done ({count[Status.SUCCEEDED]} succeeded, "
+        f"{count[Status.STOPPED]} stopped, {count[Status.FAILED]} failed), {count[Status.ACTIVE]} running; "
+        + (f"best trial {best['id']} {summary['metric']}={best['metric']:.4f}" if best else "no best yet")
+        + (f"; ETA {datetime.timedelta(seconds=round(eta_s))}" if eta_s is not None else "")
+    )
+
+
+def leaderboard(summary: dict[str, Any]) -> str:
+    """The trials as a table, best first."""
+    names = sorted({name for t in summary["trials"] for name in t["params"]})
+    sign = -1 if summary["goal"] == "MAXIMIZE" else 1
+    ranked = sorted(summary["trials"], key=lambda t: (t["metric"] is None, sign * (t["metric"] or 0)))
+    header = f"{'rank':>4}  {'trial':>5}  {'status':<9}  {summary['metric']:>12}  " + "  ".join(
+        f"{n:>14}" for n in names
+    )
+    rows = [header, "-" * len(header)]
+    for rank, t in enumerate(ranked, 1):
+        metric = f"{t['metric']:.4f}" if t["metric"] is not None else "-"
+        values = "  ".join(f"{_short(t['params'].get(n)):>14}" for n in names)
+        rows.append(f"{rank:>4}  {t['id']:>5}  {t['status']:<9}  {metric:>12}  {values}")
+    return "\n".join(rows)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def study_png(summary: dict[str, Any]) -> bytes:
+    """Each trial's metric over epochs (stopped trials dashed) and the best so far, trial by trial."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    curves, best = figure.subplots(1, 2)
+    for t in summary["trials"]:
+        if t["measurements"]:
+            epochs, values = zip(*t["measurements"])
+            curves.plot(epochs, values, "--" if t["status"] == Status.STOPPED else "-", marker=".", alpha=0.7)
+    curves.set(xlabel="epoch", ylabel=summary["metric"], title="each trial (dashed: stopped)")
+    pick = max if summary["goal"] == "MAXIMIZE" else min
+    scored = [t for t in summary["trials"] if t["metric"] is not None]
+    running: list[float] = []
+    for t in scored:
+        running.append(pick(running[-1], t["metric"]) if running else t["metric"])
+    best.step([t["id"] for t in scored], running, where="post")
+    best.plot([t["id"] for t in scored], [t["metric"] for t in scored], "o", alpha=0.5)
+    best.set(xlabel="trial", ylabel=summary["metric"], title="best so far")
+    for axes in (curves, best):
+        axes.grid(True, alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.25)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def json_text(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2) + "\n"
