@@ -142,8 +142,7 @@ class Checkpointer:
             try:
                 meta = self.restore_meta(step)
                 self._check_shaping(step, meta, shaping)
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                state = self._manager.restore(step, args=args).state
+                state = self.restore_state(step, target)
             except CheckpointError:
                 raise
             except Exception as e:  # whatever the damage, the checkpoint cannot be used
@@ -182,6 +181,10 @@ class Checkpointer:
             fs.mv(source, source + UNREADABLE_SUFFIX, recursive=True)
             logger.warning(f"set aside {storage.join(self.directory, str(step))}{UNREADABLE_SUFFIX}")
         self._manager.reload()
+
+    def restore_state(self, step: int, target: Any) -> Any:
+        """The state saved at `step`, laid out as `target` (a tree of ShapeDtypeStructs with shardings)."""
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
 
     def restore_params(self, step: int) -> Any:
         """The params saved at `step` as host arrays, without knowing the model's shapes."""
@@ -268,8 +271,7 @@ class LaneGroup:
             )
             group = Checkpointer(entry["directory"], create=False)
             try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                self._restored[key] = group._manager.restore(entry["step"], args=args).state
+                self._restored[key] = group.restore_state(entry["step"], target)
             finally:
                 group.close()
         return jax.tree.map(lambda a: a[entry["lane"]], self._restored[key])

@@ -125,6 +125,7 @@ class StudyStore:
         self.study_id = self.storage.get_study_id_from_name(name)
         self.trials: list[FrozenTrial] = []  # the snapshot
         self.mine: dict[int, dict[int, float]] = {}  # this worker's measurements, by trial id, stored or not
+        self.ended: dict[int, TrialState] = {}  # how this worker's trials ended, stored or not
         self.beaten = 0.0
 
     def _open(self, seed: int) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
@@ -187,7 +188,15 @@ class StudyStore:
         self.trials = self.study.get_trials(deepcopy=True)
         for t in self.trials:
             t.intermediate_values.update(self.mine.get(t._trial_id, {}))
+            t.state = self.ended.get(t._trial_id, t.state)
         return self.trials
+
+    def end(self, trial_id: int, state: TrialState) -> None:
+        """Marks one of this worker's trials finished in its view, before (or after) the storage hears it."""
+        self.ended[trial_id] = state
+        for t in self.trials:
+            if t._trial_id == trial_id:
+                t.state = state
 
     def record(self, trial_id: int, epoch: int, value: float) -> bool:
         """Adds a measurement of one of this worker's trials to its view; False if the epoch was measured
@@ -250,6 +259,7 @@ class StudyStore:
             resumed = OWNER in t.system_attrs
             self.storage.set_trial_system_attr(t._trial_id, OWNER, dataclasses.asdict(self.me))
             t.state, t.system_attrs[OWNER] = TrialState.RUNNING, dataclasses.asdict(self.me)
+            self.ended.pop(t._trial_id, None)
             self.beat(force=not self.beaten)
             return t.number, t._trial_id, resumed
         return None
@@ -264,6 +274,7 @@ class StudyStore:
     def release(self, trial_id: int) -> None:
         """Gives an interrupted trial back to the study: the next worker resumes it from its checkpoint."""
         self.storage.set_trial_state_values(trial_id, TrialState.WAITING)
+        self.end(trial_id, TrialState.WAITING)
 
     # --- writes ---------------------------------------------------------------------
 

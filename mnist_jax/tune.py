@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import optuna
 import yaml
+from optuna.trial import TrialState
 
 from mnist_jax import config as flags
 from mnist_jax import log, search, storage, study_record, tune_lanes, tune_processes
@@ -156,6 +157,8 @@ class Driver:
                 writes.values.append((trial._trial_id, epoch, value))
                 self.epochs_trained += 1
             stop = not final and self.rule != "none" and self.store.should_stop(view, trial._trial_id)
+            if final or stop:  # the next decisions compare with it as the storage soon will
+                self.store.end(trial._trial_id, TrialState.COMPLETE if final else TrialState.PRUNED)
             stops.append(stop)
             line = f"trial {trial.number + 1} epoch {epoch}: {self.spec.metric}={value:.4f}"
             writes.lines.append(line + (" (stopping)" if stop else ""))
@@ -180,13 +183,11 @@ class Driver:
         value = study_record.measure(self.spec, values) if values else None
         if status == Status.SUCCEEDED and value is None:
             status, error = Status.FAILED, f"trial reported no '{self.spec.metric}' metric"
-        if status == Status.SUCCEEDED:
-            self.store.study.tell(trial, value)
-        elif status == Status.STOPPED:
-            self.store.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
+        state = {Status.SUCCEEDED: TrialState.COMPLETE, Status.STOPPED: TrialState.PRUNED}.get(status, TrialState.FAIL)
+        if state == TrialState.FAIL:
             trial.set_user_attr("error", error or "failed")
-            self.store.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        self.store.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        self.store.end(trial._trial_id, state)
         self.running.pop(trial.number, None)
         shown = f" {self.spec.metric}={value:.4f}" if value is not None else ""
         logger.info(f"trial {trial.number + 1}: {status}{shown}" + (f": {error}" if error else ""))

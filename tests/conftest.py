@@ -194,6 +194,8 @@ def job_args(train_file, job_dir, epochs=EPOCHS) -> list[str]:
         "32",
         "--seed",
         "5",
+        "--checkpoint-every",
+        "1",
     ]
 
 
@@ -236,6 +238,8 @@ def trained_job(tmp_path_factory) -> Path:
             "0.25",
             "--learning-rate",
             "0.002",
+            "--checkpoint-every",
+            "1",
         ]
     )
     return job_dir

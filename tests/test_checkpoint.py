@@ -156,7 +156,8 @@ def test_full_disk_stops_within_an_epoch_and_resumes_once_there_is_room(slow_dat
         f"device; the newest good checkpoint is step {STEPS_PER_EPOCH} (rerun the same command, once the cause is "
         "fixed, to resume)"
     )
-    assert epochs_logged(copied) == [1, 2, 3]  # the failed save of epoch 2 stopped the job at the end of epoch 3
+    # The failed save of epoch 2 (on the background writer) stopped the job at the end of epoch 3 at the latest.
+    assert epochs_logged(copied) in ([1, 2], [1, 2, 3])
     assert not (copied / "model.h5").exists()
     result = run_trainer(job_args(slow_data, copied))
     assert f"Resuming from epoch 1 (step {STEPS_PER_EPOCH})" in result.stdout

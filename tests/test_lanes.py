@@ -1,10 +1,11 @@
 """The one training loop with K lanes: each lane's math equals its trial alone, refills without compiling,
-stops, device-count invariance, and SIGTERM to a group of lanes."""
+stops, device-count invariance, SIGTERM and SIGKILL to a group of lanes, and successive halving."""
 
 from __future__ import annotations
 
 import collections
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -36,9 +37,12 @@ class Recorder:
     def next_trial(self):
         return self.pending.pop(0) if self.pending else None
 
-    def epoch_done(self, config, record):
-        self.records[config.trial_id].append(record)
-        return self.stop_after.get(config.trial_id) == record["epoch"]
+    def decide(self, ended):
+        return [self.stop_after.get(config.trial_id) == record["epoch"] for config, record in ended]
+
+    def report(self, ended):
+        for config, record in ended:
+            self.records[config.trial_id].append(record)
 
     def trial_done(self, config, outcome):
         self.outcomes[config.trial_id] = outcome
@@ -218,3 +222,75 @@ def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_dat
         assert_states_equal(
             load_final_state(tmp_path / f"cut/trial-{t['id']}"), load_final_state(tmp_path / f"whole/trial-{t['id']}")
         )
+
+
+def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_data, tmp_path):
+    study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])  # 4 trials in 4 lanes: one group
+    trainer = [*tiny_args(slow_data, 5), "--seed", "5", "--checkpoint-every", "1"]
+
+    def args(name):
+        return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "4", "--", *trainer]
+
+    assert _tune(args("whole")).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.tune", "run", *args("cut")],
+        cwd=REPO,
+        env=trainer_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    groups = tmp_path / "cut" / "lanes"
+    wait_for(lambda: groups.is_dir() and any((g / "2").is_dir() for g in groups.iterdir()), process)  # save 2 is in
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not list((tmp_path / "cut").glob("trial-*/checkpoints/*"))  # no trial has left its lane: no own save
+    again = _tune(args("cut"))
+    assert again.returncode == 0, again.stderr
+    for n in (1, 2, 3, 4):
+        assert f"trial {n}: resuming" in again.stdout
+        resumed_at = re.findall(r"Resuming from epoch (\d+)", (tmp_path / f"cut/trial-{n}/train.log").read_text())
+        assert len(resumed_at) == 1 and int(resumed_at[0]) >= 2  # from the group's copy of its lane
+    whole = json.loads((tmp_path / "whole/study.json").read_text())
+    resumed = json.loads((tmp_path / "cut/study.json").read_text())
+    assert sorted(t["id"] for t in resumed["trials"]) == [1, 2, 3, 4]
+    assert [t["measurements"] for t in whole["trials"]] == [t["measurements"] for t in resumed["trials"]]
+    for t in whole["trials"]:
+        assert t["status"] == "SUCCEEDED"
+        assert_states_equal(
+            load_final_state(tmp_path / f"cut/trial-{t['id']}"), load_final_state(tmp_path / f"whole/trial-{t['id']}")
+        )
+        metrics = (tmp_path / f"cut/trial-{t['id']}/metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4, 5]
+    assert not groups.exists()  # every trial has its own checkpoint now
+
+
+def test_successive_halving_stops_trials_that_run_together(learnable_pickle, tmp_path):
+    # As many lanes as trials: median stopping, which compares with completed trials, could stop none.
+    rates = [2e-3, 1e-5, 1.5e-3, 2e-5, 1e-3, 3e-5]
+    config = tmp_path / "halving.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "studySpec": {
+                    "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
+                    "parameters": [{"parameterId": "learning-rate", "discreteValueSpec": {"values": rates}}],
+                    "algorithm": "GRID_SEARCH",
+                },
+                "maxTrialCount": 6,
+            }
+        )
+    )
+    job_dir = tmp_path / "study"
+    result = _tune(
+        ["--config", str(config), "--job-dir", str(job_dir), "--vectorize", "6", "--stopping", "halving", "--"]
+        + tiny_args(learnable_pickle, 4)
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((job_dir / "study.json").read_text())
+    assert summary["early_stopping"] == "halving" and "SuccessiveHalvingPruner" in summary["stopping_rule"]
+    stopped = [t for t in summary["trials"] if t["status"] == "STOPPED"]
+    assert stopped and all(len(t["measurements"]) < 4 for t in stopped)
+    assert sum(len(t["measurements"]) for t in summary["trials"]) < 6 * 4
+    best = summary["best"]["params"]["learning-rate"]
+    assert best >= 1e-3 and best not in [t["params"]["learning-rate"] for t in stopped]
