@@ -253,8 +253,7 @@ class Loop:
 
     def open_reports(self, lane: Lane, epoch: int) -> None:
         """On the writer: the lane's reports, continuing the records its checkpoint covers."""
-        redraw = metrics.REDRAW_S if len(self.slots) == 1 else None  # a lane's curves: when its trial ends
-        lane.reporter = metrics.Reporter(lane.config, redraw)
+        lane.reporter = metrics.Reporter(lane.config, len(self.slots) == 1, self.writer.draw)
         lane.reporter.resume(epoch)
 
     def save(self, lane: Lane, state: Any, epoch: int) -> None:
@@ -377,7 +376,15 @@ class Loop:
         if not held:
             return
         states, shaping = self.program.copy(self.states), checkpoint.shaping(self.base)
-        self.writer.submit(lambda: self.group.save(states, held, shaping))  # type: ignore[union-attr]
+        lanes = [lane for lane in self.slots if lane is not None]
+
+        def save() -> None:
+            for lane in lanes:  # a lane resumed from this save finds its records up to it
+                if lane.reporter is not None:
+                    lane.reporter.persist()
+            self.group.save(states, held, shaping)  # type: ignore[union-attr]
+
+        self.writer.submit(save)
         self.cadence.saved()
 
     def preempted_message(self) -> str:

@@ -3,11 +3,13 @@ TensorBoard events, `curves.png` and the tuning metric, all fed at once by `Repo
 
 Only process 0 reports (the trainer builds a `Reporter` there alone), on the
 loop's background writer. `metrics.jsonl` holds one JSON object per epoch; it
-is kept in memory and rewritten atomically after each epoch, so a crash never
-leaves a torn line and a resumed job drops epochs its checkpoint does not
+is kept in memory and rewritten atomically (after each epoch for the solo job;
+for a study's lane, before each save of its group and at its end), so a crash
+never leaves a torn line and a resumed job drops epochs its checkpoint does not
 cover. A drawing of `curves.png` costs far more than an epoch's other reporting
 (README, Performance), so it is drawn when the job ends and, for the solo job,
-at most every `REDRAW_S` while it trains.
+at most every `REDRAW_S` while it trains, on the writer's drawing thread, with
+one figure per process.
 
 Files we write are written atomically; TensorBoard's event file is appended
 by tensorboardX, and cloudml-hypertune rewrites its metric file in place.
@@ -20,7 +22,9 @@ import io
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from mnist_jax import storage
@@ -93,6 +97,7 @@ class MetricsLog:
     def __init__(self, job_dir: str) -> None:
         self.path = storage.join(job_dir, "metrics.jsonl")
         self.records: list[dict[str, Any]] = []
+        self.written = 0  # how many records the file holds
 
     def resume(self, completed_epochs: int) -> None:
         """Loads earlier records up to `completed_epochs` (what the checkpoint covers)."""
@@ -102,11 +107,14 @@ class MetricsLog:
         lines = storage.read_bytes(self.path).decode().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         self.records = [r for r in records if r["epoch"] <= completed_epochs]
+        self.written = len(self.records)
 
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        text = "".join(json.dumps(r) + "\n" for r in self.records)
-        storage.write_bytes_atomic(self.path, text.encode())
+    def write(self) -> None:
+        """Rewrites the file with every record, if it lacks any."""
+        if self.written < len(self.records):
+            text = "".join(json.dumps(r) + "\n" for r in self.records)
+            storage.write_bytes_atomic(self.path, text.encode())
+            self.written = len(self.records)
 
 
 class TensorBoardLog:
@@ -132,37 +140,62 @@ class TensorBoardLog:
         self._writer.close()
 
 
-def curves_png(records: list[dict[str, Any]]) -> bytes:
-    """Loss and accuracy against epoch, train and validation, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+class CurvesFigure:
+    """`curves.png`'s figure, built once per process and redrawn with each job's records: a new figure costs
+    about as much again as drawing one (README, Performance)."""
 
-    epochs = [r["epoch"] for r in records]
-    figure = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    for axes, name in zip(figure.subplots(1, 2), ("loss", "accuracy")):
-        axes.plot(epochs, [r[name] for r in records], "o-", label="train")
-        axes.plot(epochs, [r[f"val_{name}"] for r in records], "s-", label="validation")
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(name)
-        axes.set_title(f"{name} per epoch")
-        axes.grid(True, alpha=0.3)
-        axes.legend()
-        axes.xaxis.get_major_locator().set_params(integer=True)
-    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)  # cheaper than layout engines
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(10, 4), dpi=100)
+        FigureCanvasAgg(self.figure)
+        self.panels = {}
+        for axes, name in zip(self.figure.subplots(1, 2), ("loss", "accuracy")):
+            train = axes.plot([], [], "o-", label="train")[0]
+            validation = axes.plot([], [], "s-", label="validation")[0]
+            axes.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch")
+            axes.grid(True, alpha=0.3)
+            axes.legend()
+            axes.xaxis.get_major_locator().set_params(integer=True)
+            self.panels[name] = (axes, train, validation)
+        self.figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)  # no layout engine
+        self.lock = threading.Lock()
+
+    def png(self, records: list[dict[str, Any]]) -> bytes:
+        """Loss and accuracy against epoch, train and validation, as a PNG."""
+        epochs = [r["epoch"] for r in records]
+        with self.lock:
+            for name, (axes, train, validation) in self.panels.items():
+                train.set_data(epochs, [r[name] for r in records])
+                validation.set_data(epochs, [r[f"val_{name}"] for r in records])
+                axes.relim()
+                axes.autoscale_view()
+                axes.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # whole epochs on the axis, even for one
+            buffer = io.BytesIO()
+            self.figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+
+
+_CURVES: list[CurvesFigure] = []
+
+
+def curves_png(records: list[dict[str, Any]]) -> bytes:
+    if not _CURVES:
+        _CURVES.append(CurvesFigure())
+    return _CURVES[0].png(records)
 
 
 class Reporter:
     """Every sink of one job's epoch records: metrics.jsonl, TensorBoard, curves.png and the
     hyperparameter-tuning metric (validation accuracy, in the cloudml-hypertune format).
 
-    `redraw_s`: curves.png is redrawn at most that often while the job trains (None: only at the end).
+    `live`: metrics.jsonl is rewritten after every epoch, and curves.png at most every REDRAW_S; else
+    (a lane of a study) both are written at the end, and metrics.jsonl whenever `persist` is called (before
+    each save of the lane's group, which a resumed lane's records must reach).
     """
 
-    def __init__(self, config: Config, redraw_s: float | None) -> None:
+    def __init__(self, config: Config, live: bool, draw: Callable[[Callable[[], None]], None]) -> None:
         import hypertune
 
         self.log = MetricsLog(config.job_dir)
@@ -178,27 +211,35 @@ class Reporter:
         self.tuning.trial_id = config.trial_id or "0"
         os.makedirs(os.path.dirname(os.path.abspath(config.hpt_metric_file)), exist_ok=True)
         self.tuning_tag = config.hpt_metric_tag
-        self.redraw_s, self.drawn = redraw_s, time.monotonic()
+        self.live, self.drawn, self._draw = live, time.monotonic(), draw
 
     def resume(self, completed_epochs: int) -> None:
         self.log.resume(completed_epochs)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.log.append(record)
+        self.log.records.append(record)
+        if self.live:
+            self.log.write()
         self.tensorboard.write(record, self.learning_rate)
         self.tuning.report_hyperparameter_tuning_metric(
             hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"]
         )
-        if self.redraw_s is not None and time.monotonic() - self.drawn >= self.redraw_s:
+        if self.live and time.monotonic() - self.drawn >= REDRAW_S:
             self.draw()
 
+    def persist(self) -> None:
+        self.log.write()
+
     def draw(self) -> None:
-        storage.write_bytes_atomic(self.curves_path, curves_png(self.log.records))
+        """Hands a drawing of the records so far to `draw` (the loop's drawing thread)."""
+        path, records = self.curves_path, list(self.log.records)
+        self._draw(lambda: storage.write_bytes_atomic(path, curves_png(records)))
         self.drawn = time.monotonic()
 
     def close(self) -> None:
-        """Draws the final curves; closes TensorBoard's file."""
+        """Writes the final records and curves; closes TensorBoard's file."""
         try:
+            self.log.write()
             if self.log.records:
                 self.draw()
         finally:

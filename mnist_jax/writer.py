@@ -17,17 +17,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class Writer:
-    """One thread that runs submitted writes in order; failures come back through `check` and `flush`."""
+    """A thread that runs submitted writes in order, one for drawings; failures come back through `check`/`flush`."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        # Drawings hold the GIL while saves mostly wait on I/O: a thread of their own lets the two overlap.
+        self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drawer")
         self._pending: list[Future] = []
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
 
     def submit(self, write: Callable[[], object]) -> None:
         self.check()
-        self._pending.append(self._pool.submit(self._run, write))
+        future = self._pool.submit(self._run, write)
+        with self._lock:
+            self._pending.append(future)
+
+    def draw(self, drawing: Callable[[], object]) -> None:
+        """Runs `drawing` on the drawing thread, in order with other drawings; nothing waits for it but `flush`
+        (any thread may call it: the writer hands its trials' final curves over)."""
+        future = self._drawer.submit(self._run, drawing)
+        with self._lock:
+            self._pending.append(future)
 
     def _run(self, write: Callable[[], object]) -> None:
         with self._lock:
@@ -42,19 +53,24 @@ class Writer:
 
     def check(self) -> None:
         """Re-raises the first failed write, without waiting for the ones in flight."""
-        self._pending = [f for f in self._pending if not f.done()]
         with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
             failure = self._failure
         if failure is not None:
             raise failure
 
     def flush(self) -> None:
         """Waits for every submitted write; re-raises the first failure."""
-        for future in self._pending:
-            future.result()
-        self._pending = []
+        while True:
+            with self._lock:
+                pending = [f for f in self._pending if not f.done()]
+            if not pending:
+                break
+            for future in pending:  # a write may hand a drawing over while we wait
+                future.result()
         self.check()
 
     def close(self) -> None:
-        """Finishes the submitted writes and stops the thread (failures are left to `check`/`flush`)."""
+        """Finishes the submitted writes and stops the threads (failures are left to `check`/`flush`)."""
         self._pool.shutdown(wait=True)
+        self._drawer.shutdown(wait=True)

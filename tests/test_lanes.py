@@ -199,8 +199,8 @@ def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_dat
         stderr=subprocess.PIPE,
         text=True,
     )
-    first_log = tmp_path / "cut/trial-1/metrics.jsonl"
-    wait_for(lambda: first_log.exists() and len(first_log.read_text().splitlines()) >= 1, process)
+    first_log = tmp_path / "cut/trial-1/train.log"  # a lane's epoch lines come as it trains
+    wait_for(lambda: first_log.exists() and "Epoch 1/" in first_log.read_text(), process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
