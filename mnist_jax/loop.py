@@ -41,6 +41,7 @@ from mnist_jax.errors import ConfigError, MnistJaxError
 from mnist_jax.log import logger
 from mnist_jax.model import MLP, count_params
 from mnist_jax.preemption import Preempted, PreemptionGuard
+from mnist_jax.study import Status
 
 # What every lane of one program must share: the data and the shapes.
 SHARED = ("train_file", "batch_size", "hidden_units", "validation_split")
@@ -49,7 +50,7 @@ SHARED = ("train_file", "batch_size", "hidden_units", "validation_split")
 class Outcome(NamedTuple):
     """How a trial left its lane."""
 
-    status: str  # SUCCEEDED, STOPPED or FAILED
+    status: Status  # SUCCEEDED, STOPPED or FAILED
     epochs: int  # completed epochs
     error: str | None = None  # when FAILED
 
@@ -224,7 +225,7 @@ class Loop:
         try:
             check_compatible(self.base, config)
         except ConfigError as e:
-            outcome = Outcome("FAILED", 0, error=str(e))
+            outcome = Outcome(Status.FAILED, 0, error=str(e))
             self.writer.submit(lambda: self.source.trial_done(config, outcome))
             return None
         if self.is_main:
@@ -286,7 +287,7 @@ class Loop:
             rates = (config.dropout_one, config.dropout_two)
             export.write_model(model_path, jax.device_get(params), rates, config.learning_rate)
             self.source.say(config, f"Saved {model_path}")
-        self.source.trial_done(config, Outcome("SUCCEEDED", lane.epoch))
+        self.source.trial_done(config, Outcome(Status.SUCCEEDED, lane.epoch))
 
     def end(self, k: int, outcome: Outcome) -> None:
         """Frees lane k of a trial that stopped or failed."""
@@ -336,7 +337,7 @@ class Loop:
             try:
                 ended.append((k, lane, steps.epoch_record(lane.epoch, _lane(train, k), _lane(validation, k), seconds)))
             except MnistJaxError as e:
-                self.end(k, Outcome("FAILED", lane.epoch, error=str(e)))
+                self.end(k, Outcome(Status.FAILED, lane.epoch, error=str(e)))
         if not ended:
             return
         trials = [(lane.config, record) for _, lane, record in ended]
@@ -355,7 +356,7 @@ class Loop:
             if final:
                 self.finish(k, _lane(validation, k))
             elif stop and not preempted:
-                self.end(k, Outcome("STOPPED", lane.epoch))
+                self.end(k, Outcome(Status.STOPPED, lane.epoch))
         if not solo and not preempted and self.cadence.due(self.group_epochs):
             self.save_group()
 

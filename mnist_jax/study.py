@@ -8,7 +8,8 @@ medianAutomatedStoppingSpec, measurementSelectionType; maxTrialCount,
 parallelTrialCount, maxFailedTrialCount). Both become one `Study`, and
 `to_vertex` writes the Vertex form of any study. What a local study cannot do
 as Vertex does is refused with a one-line error: a DOUBLE parameter in a grid
-(as Vertex refuses it) and decay-curve stopping.
+(as Vertex refuses it) and decay-curve stopping. `Status` names a trial's
+states as Vertex does.
 
 Scale types map u in [0, 1] onto [a, b] as Vertex and Open Source Vizier do:
 linear `a + u(b - a)`, log `a (b/a)^u`, reverse log `a + b - a (b/a)^(1-u)`
@@ -18,10 +19,22 @@ linear `a + u(b - a)`, log `a (b/a)^u`, reverse log `a + b - a (b/a)^(1-u)`
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 from mnist_jax.config import read_mapping
 from mnist_jax.errors import ConfigError
+
+
+class Status(enum.StrEnum):
+    """A trial's state, in Vertex AI's words: study.json's, the loop's and the drivers' one vocabulary."""
+
+    SUCCEEDED = "SUCCEEDED"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+    ACTIVE = "ACTIVE"
+    REQUESTED = "REQUESTED"
+
 
 SCALE_TYPES = ("NONE", "UNIT_LINEAR_SCALE", "UNIT_LOG_SCALE", "UNIT_REVERSE_LOG_SCALE")
 PARAMETER_TYPES = ("DOUBLE", "INTEGER", "CATEGORICAL", "DISCRETE")

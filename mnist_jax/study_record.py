@@ -7,7 +7,6 @@ snapshot of the storage gives them) and the study's spec: no storage, no files.
 from __future__ import annotations
 
 import datetime
-import enum
 import io
 import json
 import math
@@ -16,29 +15,20 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_jax.study import Study
+from mnist_jax.study import Status, Study
 
 OWNER = "mnist_jax:owner"  # a trial's system attribute: the worker that runs it
 
 
-class Status(enum.StrEnum):
-    """A trial's state, in Vertex AI's words."""
-
-    SUCCEEDED = "SUCCEEDED"
-    STOPPED = "STOPPED"
-    FAILED = "FAILED"
-    ACTIVE = "ACTIVE"
-    REQUESTED = "REQUESTED"
-
-    @classmethod
-    def of(cls, state: TrialState) -> Status:
-        return {
-            TrialState.COMPLETE: cls.SUCCEEDED,
-            TrialState.PRUNED: cls.STOPPED,
-            TrialState.FAIL: cls.FAILED,
-            TrialState.RUNNING: cls.ACTIVE,
-            TrialState.WAITING: cls.REQUESTED,
-        }[state]
+def status_of(state: TrialState) -> Status:
+    """An Optuna trial state in Vertex AI's words."""
+    return {
+        TrialState.COMPLETE: Status.SUCCEEDED,
+        TrialState.PRUNED: Status.STOPPED,
+        TrialState.FAIL: Status.FAILED,
+        TrialState.RUNNING: Status.ACTIVE,
+        TrialState.WAITING: Status.REQUESTED,
+    }[state]
 
 
 def measure(spec: Study, values: Sequence[float]) -> float:
@@ -51,7 +41,7 @@ def measure(spec: Study, values: Sequence[float]) -> float:
 def trial_record(spec: Study, t: FrozenTrial) -> dict[str, Any]:
     """One trial as study.json shows it."""
     measurements = [[step, value] for step, value in sorted(t.intermediate_values.items())]
-    status = Status.of(t.state)
+    status = status_of(t.state)
     metric = None
     if status in (Status.SUCCEEDED, Status.STOPPED) and measurements:
         metric = measure(spec, [v for _, v in measurements])

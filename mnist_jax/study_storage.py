@@ -5,10 +5,12 @@ The study lives in Optuna RDB storage (SQLite by default, any RDB URL to share
 it). When it is created it gets exactly maxTrials trial slots (a grid study,
 its combinations), and workers take slots atomically (WAITING -> RUNNING), so
 a study never runs more than maxTrials trials and no slot twice. Each worker
-writes one heartbeat, a study attribute, at most every BEAT_S; a RUNNING trial
-is handed back (WAITING, to resume from its checkpoints) when its worker is
-gone: its process on this host, or its heartbeat older than STALE_AFTER_S
-elsewhere.
+writes one heartbeat, a study attribute, four times per `stale_after_s`; a
+RUNNING trial is handed back (WAITING, to resume from its checkpoints) when its
+worker is gone: its process on this host, or its heartbeat older than
+`stale_after_s` elsewhere. A server that restarts is ridden through
+(`ResilientStorage`: every call retried with backoff for up to `patience_s`);
+one that stays down past it stops the worker with `StorageDown`, in one line.
 
 A worker reads the study once per decision (`snapshot`), not once per trial:
 the trials it runs are current in its own view (`record` adds each epoch's
@@ -20,6 +22,7 @@ the loop's background writer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -29,18 +32,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
-from optuna.storages._rdb.models import TrialSystemAttributeModel
+from optuna.storages._rdb.models import TrialSystemAttributeModel, TrialUserAttributeModel
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_jax import search
-from mnist_jax.errors import ConfigError
+from mnist_jax.errors import ConfigError, MnistJaxError
+from mnist_jax.log import logger
 from mnist_jax.study import Study, to_vertex
 from mnist_jax.study_record import OWNER
 
-# A trial whose worker on another host has not been heard from for this long is taken over.
-STALE_AFTER_S = 600
-BEAT_S = 30  # how often a worker's heartbeat is written
+# A trial whose worker on another host has not been heard from for this long is taken over (tune run
+# --stale-after); each worker writes its heartbeat BEATS_PER_STALE times in that span.
+STALE_AFTER_S = 120.0
+BEATS_PER_STALE = 4
+# How long a worker waits for a storage server that stopped answering (tune run --storage-patience).
+PATIENCE_S = 300.0
 HEARTBEAT = "mnist_jax:heartbeat:"  # + the worker's host:pid, a study attribute
 SPEC, READY = "mnist_jax:spec", "mnist_jax:ready"
 
@@ -74,10 +81,83 @@ class Worker:
     def beat_key(self) -> str:
         return f"{HEARTBEAT}{self.host}:{self.pid}"
 
-    def gone(self, heartbeat: float) -> bool:
+    def gone(self, heartbeat: float, stale_after_s: float) -> bool:
         if self.host == socket.gethostname():
             return _process_start(self.pid) != self.started
-        return time.time() - heartbeat > STALE_AFTER_S
+        return time.time() - heartbeat > stale_after_s
+
+
+class StorageDown(MnistJaxError):
+    """The study's storage server stopped answering for longer than the worker's patience."""
+
+
+def _transient(error: BaseException) -> bool:
+    """A failure a server restart or failover causes: a lost or refused connection, a rolled-back commit."""
+    import sqlalchemy.exc
+
+    if isinstance(error, optuna.exceptions.StorageInternalError):
+        return True
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+
+
+def one_line(error: BaseException) -> str:
+    """A database error's first line, without SQLAlchemy's pointer to its docs."""
+    cause = getattr(error, "orig", None) or error.__cause__ or error
+    text = str(cause).split("(Background on this error")[0]
+    return " ".join(text.split())[:300]
+
+
+class ResilientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage that rides through a server restart: each call that fails for a lost connection
+    is retried with backoff, for up to `patience_s`; pooled connections are checked before use."""
+
+    patience_s = PATIENCE_S
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, engine_kwargs={"pool_pre_ping": True})
+
+    def retry(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline, delay, warned = time.monotonic() + self.patience_s, 0.25, False
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageDown(
+                        f"study storage {redact(self.url)} has not answered for {self.patience_s:g} s "
+                        f"({one_line(e)}); rerun the same command once it is back: this worker's trials resume"
+                    ) from None
+                if not warned:
+                    logger.warning(f"study storage {redact(self.url)} is not answering ({one_line(e)}); retrying")
+                    warned = True
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+
+def _retrying(name: str) -> Any:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        return self.retry(method, self, *args, **kwargs)
+
+    return call
+
+
+for _name in (
+    "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_state_values",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
+    # What Optuna's cache in front of RDB storage calls instead of the public methods:
+    "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+):  # fmt: skip
+    setattr(ResilientStorage, _name, _retrying(_name))
 
 
 def _write_ahead(store: optuna.storages.RDBStorage) -> None:
@@ -117,8 +197,18 @@ class View:
 class StudyStore:
     """One worker's handle on the study in its storage."""
 
-    def __init__(self, spec: Study, storage_url: str, name: str, seed: int, stopping: str) -> None:
+    def __init__(
+        self,
+        spec: Study,
+        storage_url: str,
+        name: str,
+        seed: int,
+        stopping: str,
+        stale_after_s: float = STALE_AFTER_S,
+        patience_s: float = PATIENCE_S,
+    ) -> None:
         self.spec, self.storage_url, self.name = spec, storage_url, name
+        self.stale_after_s, self.patience_s = stale_after_s, patience_s
         self.me = Worker.me()
         self.pruner = search.pruner(spec, stopping)
         self.study, self.storage = self._open(seed)
@@ -128,18 +218,19 @@ class StudyStore:
         self.ended: dict[int, TrialState] = {}  # how this worker's trials ended, stored or not
         self.beaten = 0.0
 
-    def _open(self, seed: int) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    def _open(self, seed: int) -> tuple[optuna.Study, ResilientStorage]:
         for attempt in range(3):
             try:
-                store = optuna.storages.RDBStorage(self.storage_url)
+                store = ResilientStorage(self.storage_url)
                 if self.storage_url.startswith("sqlite:"):
                     _write_ahead(store)
                 break
-            except Exception as e:  # a bad URL, a missing driver, a server that does not answer
+            except Exception as e:  # a bad URL or password, a missing driver, a server that does not answer
                 # Workers that start together race to create the storage's tables: the loser retries.
                 if attempt == 2:
-                    raise ConfigError(f"cannot open study storage {redact(self.storage_url)}: {e}") from None
+                    raise ConfigError(f"cannot open study storage {redact(self.storage_url)}: {one_line(e)}") from None
                 time.sleep(1)
+        store.patience_s = self.patience_s  # from here on a server that goes away is waited for
         spec = json.dumps(to_vertex(self.spec)["studySpec"] | {"maxTrialCount": self.spec.max_trials}, sort_keys=True)
         try:
             study = optuna.create_study(
@@ -238,16 +329,22 @@ class StudyStore:
                 return taken
         return None
 
-    def _take(self) -> tuple[int, int, bool] | None:
+    def take_over(self) -> bool:
+        """Hands back (to WAITING, to resume) the running trials in the snapshot whose worker is gone."""
         beats = self.storage.get_study_system_attrs(self.study_id)
+        found = False
         for t in self.trials:
             if t.state == TrialState.RUNNING:
                 owner = t.system_attrs.get(OWNER)
                 started = t.datetime_start.timestamp() if t.datetime_start else 0.0
                 worker = Worker(**owner) if owner else None
-                if worker is None or worker.gone(beats.get(worker.beat_key, started)):
-                    self.storage.set_trial_state_values(t._trial_id, TrialState.WAITING)  # to resume
-                    t.state = TrialState.WAITING
+                if worker is None or worker.gone(beats.get(worker.beat_key, started), self.stale_after_s):
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+                    t.state, found = TrialState.WAITING, True
+        return found
+
+    def _take(self) -> tuple[int, int, bool] | None:
+        self.take_over()
         for t in self.trials:
             if t.state != TrialState.WAITING:
                 continue
@@ -264,10 +361,15 @@ class StudyStore:
             return t.number, t._trial_id, resumed
         return None
 
+    def others_running(self) -> bool:
+        """Whether the snapshot shows trials that other workers run (or ran: until they are taken over)."""
+        mine = dataclasses.asdict(self.me)
+        return any(t.state == TrialState.RUNNING and t.system_attrs.get(OWNER) != mine for t in self.trials)
+
     def beat(self, force: bool = False) -> None:
-        """Tells other workers this one is alive, at most every BEAT_S."""
+        """Tells other workers this one is alive, BEATS_PER_STALE times per `stale_after_s`."""
         now = time.time()
-        if force or now - self.beaten >= BEAT_S:
+        if force or now - self.beaten >= self.stale_after_s / BEATS_PER_STALE:
             self.storage.set_study_system_attr(self.study_id, self.me.beat_key, now)
             self.beaten = now
 
@@ -278,12 +380,23 @@ class StudyStore:
 
     # --- writes ---------------------------------------------------------------------
 
-    def report(self, values: Sequence[tuple[int, int, float]], attrs: Sequence[tuple[int, str, Any]] = ()) -> None:
-        """Stores (trial id, epoch, value) measurements and (trial id, key, value) system attributes in one
-        transaction (Optuna's RDB storage writes each in its own otherwise); then the heartbeat, when due."""
-        with _create_scoped_session(self.storage.scoped_session, True) as session:
-            for trial_id, epoch, value in values:
-                self.storage._set_trial_intermediate_value_without_commit(session, trial_id, epoch, value)
-            for trial_id, key, value in attrs:
-                self.storage._set_trial_attr_without_commit(session, TrialSystemAttributeModel, trial_id, key, value)
+    def report(
+        self,
+        values: Sequence[tuple[int, int, float]],
+        system_attrs: Sequence[tuple[int, str, Any]] = (),
+        user_attrs: Sequence[tuple[int, str, Any]] = (),
+    ) -> None:
+        """Stores (trial id, epoch, value) measurements and (trial id, key, value) attributes in one transaction
+        (Optuna's RDB storage writes each in its own otherwise); then the heartbeat, when due."""
+        store = self.storage
+
+        def transaction() -> None:
+            with _create_scoped_session(store.scoped_session, True) as session:
+                for trial_id, epoch, value in values:
+                    store._set_trial_intermediate_value_without_commit(session, trial_id, epoch, value)
+                for model, attrs in ((TrialSystemAttributeModel, system_attrs), (TrialUserAttributeModel, user_attrs)):
+                    for trial_id, key, value in attrs:
+                        store._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+        self.storage.retry(transaction)  # all of it again after a lost connection: no report is lost
         self.beat()

@@ -16,6 +16,7 @@ import jax
 from mnist_jax import log, loop, parallel, preemption, steps
 from mnist_jax.config import Config, parse_args
 from mnist_jax.errors import MnistJaxError, report
+from mnist_jax.study import Status
 
 
 class OneTrial:
@@ -34,7 +35,7 @@ class OneTrial:
         pass
 
     def trial_done(self, config: Config, outcome: loop.Outcome) -> None:
-        if outcome.status == "FAILED":
+        if outcome.status == Status.FAILED:
             raise MnistJaxError(outcome.error)
 
     def say(self, config: Config, message: str) -> None:

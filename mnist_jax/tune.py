@@ -49,9 +49,8 @@ from mnist_jax.errors import ConfigError, MnistJaxError, report
 from mnist_jax.log import logger
 from mnist_jax.preemption import EXIT_STATUS as PREEMPTED_STATUS
 from mnist_jax.preemption import Preempted
-from mnist_jax.study import Study, load_study, to_vertex
-from mnist_jax.study_record import Status
-from mnist_jax.study_storage import StudyStore, View, redact
+from mnist_jax.study import Status, Study, load_study, to_vertex
+from mnist_jax.study_storage import BEATS_PER_STALE, PATIENCE_S, STALE_AFTER_S, StorageDown, StudyStore, View, redact
 
 SUMMARY_S = 5.0  # study.json is rewritten at most this often while trials end (and always at the end)
 
@@ -72,15 +71,24 @@ class Driver:
     """One worker's trials: takes slots, decides stops from one snapshot, writes reports, tells results."""
 
     def __init__(
-        self, spec: Study, job_dir: str, storage_url: str, name: str, seed: int, stopping: str, extra: Sequence[str]
+        self,
+        spec: Study,
+        job_dir: str,
+        storage_url: str,
+        name: str,
+        seed: int,
+        stopping: str,
+        extra: Sequence[str],
+        **timing: float,
     ) -> None:
         self.spec, self.job_dir, self.extra, self.seed = spec, job_dir.rstrip("/"), list(extra), seed
         self.storage_url, self.name = storage_url, name
         self.rule = search.stopping(spec, stopping)
         self.base = flags.parse_args([*self.extra, "--job-dir", self.job_dir])  # bad trainer flags fail here
         self.scratch = None if storage.is_local(job_dir) else tempfile.mkdtemp(prefix="mnist-jax-tune-")
-        self.store = StudyStore(spec, storage_url, name, seed, stopping)
+        self.store = StudyStore(spec, storage_url, name, seed, stopping, **timing)
         self.running: dict[int, optuna.Trial] = {}
+        self.params: dict[int, dict[str, Any]] = {}  # trial number -> the parameters drawn for it
         self.started, self.epochs_trained = time.monotonic(), 0
         self.summarised = 0.0  # when study.json was last written
 
@@ -94,8 +102,11 @@ class Driver:
         number, trial_id, resumed = taken
         trial = optuna.Trial(self.store.study, trial_id)
         params = {p.name: search.suggest(trial, p) for p in self.spec.parameters}
-        trial.set_user_attr("params", params)
-        trial.set_user_attr("job_dir", self.trial_dir(number))
+        # In one transaction: what study.json reads, and for the dashboard, each parameter under its own
+        # name (a reverse-log one is drawn mirrored) and the trial's id as study.json and the job dirs number it.
+        shown = {"params": params, "job_dir": self.trial_dir(number), "trial": number + 1, **params}
+        self.store.report([], user_attrs=[(trial_id, key, value) for key, value in shown.items()])
+        self.params[number] = params
         self.running[number] = trial
         logger.info(f"trial {number + 1}: {'resuming' if resumed else 'starting'} {params}")
         return trial
@@ -108,6 +119,20 @@ class Driver:
     def release_all(self) -> None:
         for trial in list(self.running.values()):
             self.release(trial)
+
+    def await_work(self) -> bool:
+        """When no slot is free but other workers hold trials: waits until one ends (False: nothing is left)
+        or its worker is gone (True: take it over)."""
+        while True:
+            self.store.snapshot()
+            if any(t.state == TrialState.WAITING for t in self.store.trials):
+                return self.store.failures() < self.spec.max_failed_trials
+            if not self.store.others_running():
+                return False
+            if self.store.take_over():
+                return True
+            self.store.beat()
+            time.sleep(min(self.store.stale_after_s / BEATS_PER_STALE, 5.0))
 
     # --- one trial ---------------------------------------------------------------
 
@@ -130,7 +155,7 @@ class Driver:
 
     def trial_args(self, trial: optuna.Trial) -> tuple[list[str], dict[str, str]]:
         """A trial's trainer flags and variables, as Vertex gives them to a trial's container."""
-        params = trial.user_attrs["params"]
+        params = self.params[trial.number]
         argv = [
             *self.extra,
             "--job-dir",
@@ -167,7 +192,7 @@ class Driver:
 
     def write(self, writes: Writes) -> None:
         """Stores an epoch's decisions in one transaction, then shows them."""
-        self.store.report(writes.values, writes.attrs)
+        self.store.report(writes.values, system_attrs=writes.attrs)
         for line in writes.lines:
             logger.info(line)
 
@@ -270,6 +295,22 @@ def build_parser() -> flags.Parser:
         "halving (successive halving against every trial at the same epoch, running ones included: "
         "an extension Vertex does not have), or none",
     )
+    run.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER_S,
+        metavar="SECONDS",
+        help="take over another host's trial once its worker has been silent this long (a preempted VM's "
+        "worker is gone for good); each worker's heartbeat is written four times in that span",
+    )
+    run.add_argument(
+        "--storage-patience",
+        type=float,
+        default=PATIENCE_S,
+        metavar="SECONDS",
+        help="how long to wait for a storage server that stopped answering (a restart, a failover) before "
+        "stopping with one line",
+    )
     flags.add_flags(run, flags.OUTPUT_FLAGS)
     return parser
 
@@ -284,35 +325,42 @@ def default_storage(job_dir: str) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(job_dir, 'study.db'))}"
 
 
-def run(args: Any, extra: Sequence[str]) -> int:
+def open_driver(args: Any, extra: Sequence[str]) -> Driver:
+    """The study the flags name, opened (or joined) in its storage, and this worker's driver for it."""
     spec, _ = load_study(args.config)
     overrides = {
         k: v for k, v in (("max_trials", args.max_trials), ("parallel_trials", args.parallel_trials)) if v is not None
     }
     if any(v < 1 for v in (*overrides.values(), args.vectorize)):
         raise ConfigError("--max-trials, --parallel-trials and --vectorize must be >= 1")
+    if args.stale_after <= 0 or args.storage_patience <= 0:
+        raise ConfigError("--stale-after and --storage-patience must be > 0 seconds")
     spec = dataclasses.replace(spec, **overrides)
     name = args.study_name or Path(args.job_dir.rstrip("/")).name or "study"
     url = args.storage or default_storage(args.job_dir)
-    driver = Driver(spec, args.job_dir, url, name, args.seed, args.stopping, extra)
+    timing = {"stale_after_s": args.stale_after, "patience_s": args.storage_patience}
+    driver = Driver(spec, args.job_dir, url, name, args.seed, args.stopping, extra, **timing)
     logger.info(
         f"study {name}: {spec.max_trials} trials, {search.describe(spec)}"
         + (f", {driver.rule} stopping" if driver.rule != "none" else "")
         + (f", {args.vectorize} lanes" if args.vectorize > 1 else f", {spec.parallel_trials} at a time")
     )
-    try:
-        if args.vectorize > 1:
-            tune_lanes.run_lanes(driver, min(args.vectorize, spec.max_trials))
+    return driver
+
+
+def train(driver: Driver, vectorize: int) -> None:
+    """Runs trials until none is left, waiting for trials other workers hold until they end or are taken over."""
+    while True:
+        if vectorize > 1:
+            tune_lanes.run_lanes(driver, min(vectorize, driver.spec.max_trials))
         else:
-            tune_processes.run_processes(driver, spec.parallel_trials)
-    except BaseException:
-        driver.release_all()  # what this worker held resumes in the next one
-        with contextlib.suppress(MnistJaxError):
-            driver.write_summary(driver.summary())
-        raise
-    finally:
-        if driver.scratch is not None:
-            shutil.rmtree(driver.scratch, ignore_errors=True)
+            tune_processes.run_processes(driver, driver.spec.parallel_trials)
+        if not driver.await_work():
+            return
+
+
+def finish(driver: Driver) -> int:
+    """study.json, study.png and the leaderboard of a study this worker has nothing more to do for."""
     summary = driver.summary()
     driver.write_summary(summary)
     storage.write_bytes_atomic(storage.join(driver.job_dir, "study.png"), study_record.study_png(summary))
@@ -323,9 +371,26 @@ def run(args: Any, extra: Sequence[str]) -> int:
     logger.info(study_record.leaderboard(summary))
     best = summary["best"]
     logger.info(
-        f"best: trial {best['id']} {spec.metric}={best['metric']:.4f} {best['params']}" if best else "best: none"
+        f"best: trial {best['id']} {summary['metric']}={best['metric']:.4f} {best['params']}" if best else "best: none"
     )
-    return 1 if summary["status"] == "FAILED" else 0
+    return 1 if summary["status"] == Status.FAILED else 0
+
+
+def run(args: Any, extra: Sequence[str]) -> int:
+    driver = open_driver(args, extra)
+    try:
+        train(driver, args.vectorize)
+    except StorageDown:
+        raise  # nothing can be handed back: the same command resumes this worker's trials
+    except BaseException:
+        driver.release_all()  # what this worker held resumes in the next one
+        with contextlib.suppress(MnistJaxError):
+            driver.write_summary(driver.summary())
+        raise
+    finally:
+        if driver.scratch is not None:
+            shutil.rmtree(driver.scratch, ignore_errors=True)
+    return finish(driver)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import optuna
 
 from mnist_jax import config as flags
 from mnist_jax.errors import ConfigError
-from mnist_jax.study_record import Status
+from mnist_jax.study import Status
 
 if TYPE_CHECKING:
     from mnist_jax.loop import Outcome
@@ -72,7 +72,7 @@ class LaneSource:
     def trial_done(self, config: flags.Config, outcome: Outcome) -> None:
         trial = self.trials.pop(config.trial_id)  # type: ignore[arg-type]
         self.driver.keep_log(trial.number)
-        self.driver.tell(trial, Status(outcome.status), outcome.error)
+        self.driver.tell(trial, outcome.status, outcome.error)
 
 
 def run_lanes(driver: Driver, lanes: int) -> None:

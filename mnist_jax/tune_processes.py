@@ -29,7 +29,7 @@ from mnist_jax import config as flags
 from mnist_jax.errors import ConfigError
 from mnist_jax.preemption import EXIT_STATUS as PREEMPTED_STATUS
 from mnist_jax.preemption import Preempted, PreemptionGuard
-from mnist_jax.study_record import Status
+from mnist_jax.study import Status
 
 if TYPE_CHECKING:
     from mnist_jax.tune import Driver

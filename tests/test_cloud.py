@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -122,3 +123,33 @@ def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
     two, one = load_final_state(tmp_path / "two"), load_final_state(tmp_path / "one")
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)))
     assert diff < 1e-5
+
+
+def test_lanes_across_two_processes_refuse_in_one_line(tiny_pickle, tmp_path):
+    port = free_port()
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "studySpec:\n  metrics: [{metricId: accuracy, goal: MAXIMIZE}]\n"
+        "  parameters: [{parameterId: seed, discreteValueSpec: {values: [1, 2]}}]\n"
+        "  algorithm: GRID_SEARCH\nmaxTrialCount: 2\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(study), "--job-dir", str(tmp_path / "s")]
+            + ["--vectorize", "2", "--", "--train-file", str(tiny_pickle), "--batch-size", "32"]
+            + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO,
+            env=trainer_env(1),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in processes]
+    assert [p.returncode for p in processes] == [2, 2], outputs
+    for _, stderr in outputs:
+        assert stderr.strip() == (
+            "error: --vectorize 2: lanes train in one process; with 2 processes, "
+            "run each trial as a process of its own (--vectorize 1)"
+        )

@@ -18,7 +18,7 @@ import yaml
 from mnist_jax import loop
 from mnist_jax.config import parse_args
 
-from conftest import REPO, assert_states_equal, load_final_state, tiny_args, trainer_env, wait_for
+from conftest import REPO, assert_states_equal, load_final_state, run_module, tiny_args, trainer_env, wait_for
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -153,6 +153,17 @@ def _tune(args, devices=1, **kwargs):
     )
 
 
+def _start_tune(args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.tune", "run", *args],
+        cwd=REPO,
+        env=trainer_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
     study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])
     for devices in (1, 4):
@@ -191,14 +202,7 @@ def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_dat
         return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "2", "--", *trainer]
 
     assert _tune(args("whole")).returncode == 0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.tune", "run", *args("cut")],
-        cwd=REPO,
-        env=trainer_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start_tune(args("cut"))
     first_log = tmp_path / "cut/trial-1/train.log"  # a lane's epoch lines come as it trains
     wait_for(lambda: first_log.exists() and "Epoch 1/" in first_log.read_text(), process)
     process.send_signal(signal.SIGTERM)
@@ -232,14 +236,7 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
         return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "4", "--", *trainer]
 
     assert _tune(args("whole")).returncode == 0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.tune", "run", *args("cut")],
-        cwd=REPO,
-        env=trainer_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start_tune(args("cut"))
     groups = tmp_path / "cut" / "lanes"
     wait_for(lambda: groups.is_dir() and any((g / "2").is_dir() for g in groups.iterdir()), process)  # save 2 is in
     process.send_signal(signal.SIGKILL)
@@ -263,6 +260,12 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
         metrics = (tmp_path / f"cut/trial-{t['id']}/metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4, 5]
     assert not groups.exists()  # every trial has its own checkpoint now
+    # A trial's job dir is a job's: export its checkpoint, or train it on.
+    trial = tmp_path / "cut/trial-1"
+    exported = run_module("export", ["--checkpoint", str(trial / "checkpoints"), "--out", str(tmp_path / "t1.h5")])
+    assert exported.returncode == 0, exported.stderr
+    more = run_module("train", ["--config", str(trial / "config.json"), "--epochs", "6"])
+    assert more.returncode == 0 and "Resuming from epoch 5 " in more.stdout, more.stderr
 
 
 def test_successive_halving_stops_trials_that_run_together(learnable_pickle, tmp_path):
