@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -242,6 +243,14 @@ class Parser(argparse.ArgumentParser):
         super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
+        if message.startswith("unrecognized arguments: "):
+            parsers = [self] + [
+                sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                for sub in action.choices.values()
+            ]  # fmt: skip
+            known = [o for parser in parsers for o in parser._option_string_actions if o.startswith("--")]
+            unknown = [a.split("=", 1)[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
+            message += "".join(did_you_mean(a, known).replace(" (", f" ({a}: ", 1) for a in unknown)
         raise ConfigError(message)
 
 
@@ -259,6 +268,21 @@ def add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
         parser.add_argument(
             *spellings, dest=name, type=flag.parse, default=default, metavar=flag.metavar, help=flag.help
         )
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    """` (did you mean X?)` for the known name nearest to `name`, or nothing when none is near."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_tunable(names: Sequence[str], where: str) -> None:
+    """Each of `names` (a study's parameters) is a trainer flag a trial can be given; else a ConfigError that
+    names the nearest one."""
+    tunable = [f.name.replace("_", "-") for f in FLAGS if f.name not in ("config", "job_dir", *LOCATIONS)]
+    for name in names:
+        if name.replace("_", "-") not in tunable:
+            raise ConfigError(f"{where}: parameter {name} is not a trainer flag{did_you_mean(name, tunable)}")
 
 
 # The output flags every command-line entry point takes.

@@ -228,10 +228,17 @@ class Loop:
             outcome = Outcome(Status.FAILED, 0, error=str(e))
             self.writer.submit(lambda: self.source.trial_done(config, outcome))
             return None
-        if self.is_main:
-            write_config(config, self.train_file, len(self.slots))
         state, own = self.restore(config)
         resumed = state is not None
+        if resumed and int(state.epoch) > config.epochs:  # before any write: nothing on disk changes
+            if own is not None:
+                own.close()
+            raise ConfigError(
+                f"{config.job_dir} holds a job trained for {int(state.epoch)} epochs, more than --epochs "
+                f"{config.epochs}; use a new --job-dir, or --epochs {int(state.epoch)} or more"
+            )
+        if self.is_main:
+            write_config(config, self.train_file, len(self.slots))
         learning_rate = jnp.float32(config.learning_rate)
         if resumed:  # the flags' rate wins over the checkpoint's (the same command: the same rate)
             opt = state.opt_state
@@ -321,7 +328,7 @@ class Loop:
             if preemption.requested:
                 if any(lane is not None for lane in self.slots):
                     self.writer.flush()
-                    raise Preempted(self.preempted_message())
+                    raise Preempted(self.preempted_message(), preemption.signum)
                 return  # every trial in hand is done; take no new one
             self.fill()
 
@@ -393,11 +400,11 @@ class Loop:
         if len(self.slots) == 1 and saved:
             (lane,) = saved
             return (
-                f"SIGTERM: saved epoch {lane.epoch} (step {int(self.states.step[0])}) to "
+                f"saved epoch {lane.epoch} (step {int(self.states.step[0])}) to "
                 f"{lane.config.checkpoint_dir}; rerun the same command to continue"
             )
         detail = ", ".join(f"trial {lane.config.trial_id} at epoch {lane.epoch}" for lane in saved)
-        return f"SIGTERM: saved {len(saved)} lanes ({detail or 'none running'}); rerun the same command to continue"
+        return f"saved {len(saved)} lanes ({detail or 'none running'}); rerun the same command to continue"
 
     def close(self, *, failed: bool) -> None:
         """Finishes the writer's work and closes every lane still held; the first write failure is raised unless

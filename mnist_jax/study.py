@@ -22,7 +22,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from mnist_jax.config import read_mapping
+from mnist_jax.config import did_you_mean, read_mapping
 from mnist_jax.errors import ConfigError
 
 
@@ -86,6 +86,92 @@ class Study:
     measurement_selection: str = "LAST_MEASUREMENT"
 
 
+# The keys each level of a study config may hold (Vertex AI's HyperparameterTuningJob and ML Engine's
+# TrainingInput), to catch a misspelt key before anything trains: None means any key (what only Vertex reads).
+_ANY = None
+_VALUE_SPEC_KEYS = {"minValue": _ANY, "maxValue": _ANY, "values": _ANY, "defaultValue": _ANY}
+_VERTEX_SCHEMA: dict[str, Any] = {
+    "displayName": _ANY,
+    "labels": _ANY,
+    "encryptionSpec": _ANY,
+    "maxTrialCount": _ANY,
+    "parallelTrialCount": _ANY,
+    "maxFailedTrialCount": _ANY,
+    "trialJobSpec": _ANY,
+    "studySpec": {
+        "metrics": [{"metricId": _ANY, "goal": _ANY, "safetyConfig": _ANY}],
+        "parameters": [
+            {
+                "parameterId": _ANY,
+                "scaleType": _ANY,
+                "conditionalParameterSpecs": _ANY,
+                **{key: _VALUE_SPEC_KEYS for key in _VALUE_SPECS.values()},
+            }
+        ],
+        "algorithm": _ANY,
+        "observationNoise": _ANY,
+        "measurementSelectionType": _ANY,
+        "medianAutomatedStoppingSpec": {"useElapsedDuration": _ANY},
+        "decayCurveStoppingSpec": {"useElapsedDuration": _ANY},
+        "convexAutomatedStoppingSpec": _ANY,
+        "studyStoppingConfig": _ANY,
+    },
+}
+_HYPERPARAMETERS_SCHEMA: dict[str, Any] = {
+    "goal": _ANY,
+    "hyperparameterMetricTag": _ANY,
+    "maxTrials": _ANY,
+    "maxParallelTrials": _ANY,
+    "maxFailedTrials": _ANY,
+    "enableTrialEarlyStopping": _ANY,
+    "resumePreviousJobId": _ANY,
+    "algorithm": _ANY,
+    "params": [
+        {
+            "parameterName": _ANY,
+            "type": _ANY,
+            "minValue": _ANY,
+            "maxValue": _ANY,
+            "categoricalValues": _ANY,
+            "discreteValues": _ANY,
+            "scaleType": _ANY,
+        }
+    ],
+}
+_TRAINING_INPUT_KEYS = (
+    "scaleTier", "masterType", "masterConfig", "workerType", "workerConfig", "parameterServerType",
+    "parameterServerConfig", "evaluatorType", "evaluatorConfig", "workerCount", "parameterServerCount",
+    "evaluatorCount", "packageUris", "pythonModule", "args", "region", "jobDir", "runtimeVersion",
+    "pythonVersion", "encryptionConfig", "scheduling", "network", "serviceAccount", "useChiefInTfConfig",
+    "enableWebAccess",
+)  # fmt: skip
+_LEGACY_SCHEMA: dict[str, Any] = {
+    "trainingInput": {"hyperparameters": _HYPERPARAMETERS_SCHEMA, **dict.fromkeys(_TRAINING_INPUT_KEYS)},
+    "labels": _ANY,
+}
+
+
+def _check_keys(value: Any, schema: Any, where: str) -> None:
+    """Every key in `value` is one `schema` knows, at every level; raises ConfigError naming the first that is not."""
+    if schema is _ANY:
+        return
+    if isinstance(schema, list):
+        _require(isinstance(value, list), f"{where} must be a list")
+        for i, item in enumerate(value, 1):
+            _check_keys(item, schema[0], f"{where}[{i}]")
+        return
+    _require(isinstance(value, dict), f"{where or 'the config'} must be a mapping")
+    for key, item in value.items():
+        if key not in schema:
+            raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{did_you_mean(str(key), schema)}")
+        _check_keys(item, schema[key], f"{where + '.' if where else ''}{key}")
+
+
+def _required(mapping: dict[str, Any], key: str, where: str) -> Any:
+    _require(key in mapping, f"{where} has no {key}")
+    return mapping[key]
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -126,20 +212,26 @@ def _check_study(study: Study) -> Study:
 
 def study_from_legacy(document: dict[str, Any]) -> Study:
     """Reads `trainingInput.hyperparameters` (ML Engine / AI Platform Training)."""
-    spec = document.get("trainingInput", document).get("hyperparameters")
-    _require(isinstance(spec, dict), "legacy study: no trainingInput.hyperparameters")
+    if "hyperparameters" in document and "trainingInput" not in document:
+        document = {"trainingInput": document}  # the hyperparameters alone, as the seed's YAML nests them too
+    _check_keys(document, _LEGACY_SCHEMA, "")
+    spec = document.get("trainingInput", {}).get("hyperparameters")
+    _require(
+        isinstance(spec, dict),
+        "not a Vertex study config (no studySpec) nor a legacy one (no trainingInput.hyperparameters)",
+    )
     parameters = tuple(
         _check_parameter(
             Parameter(
-                name=p["parameterName"],
-                type=p["type"],
+                name=_required(p, "parameterName", f"trainingInput.hyperparameters.params[{i}]"),
+                type=_required(p, "type", f"parameter {p['parameterName']}"),
                 min_value=p.get("minValue"),
                 max_value=p.get("maxValue"),
                 values=tuple(p.get("categoricalValues") or p.get("discreteValues") or ()),
                 scale=p.get("scaleType", "NONE"),
             )
         )
-        for p in spec.get("params", [])
+        for i, p in enumerate(spec.get("params", []), 1)
     )
     max_trials = int(spec.get("maxTrials", 1))
     algorithm = spec.get("algorithm", "ALGORITHM_UNSPECIFIED")
@@ -159,22 +251,29 @@ def study_from_legacy(document: dict[str, Any]) -> Study:
 
 def study_from_vertex(document: dict[str, Any]) -> Study:
     """Reads a Vertex AI hyperparameter tuning job config (`studySpec`, counts)."""
+    _check_keys(document, _VERTEX_SCHEMA, "")
     spec = document["studySpec"]
     _require(
         "decayCurveStoppingSpec" not in spec,
         "decayCurveStoppingSpec is not supported by local studies; use medianAutomatedStoppingSpec",
     )
-    (metric,) = spec["metrics"]
+    metrics = _required(spec, "metrics", "studySpec")
+    _require(len(metrics) == 1, f"studySpec.metrics must hold one metric, not {len(metrics)}")
+    metric = metrics[0]
+    for key in ("metricId", "goal"):
+        _required(metric, key, "studySpec.metrics[1]")
     parameters = []
-    for p in spec["parameters"]:
-        kind = next((t for t, key in _VALUE_SPECS.items() if key in p), None)
-        _require(kind is not None, f"parameter {p.get('parameterId')}: no value spec")
-        values = p[_VALUE_SPECS[kind]]  # type: ignore[index]
+    for i, p in enumerate(_required(spec, "parameters", "studySpec"), 1):
+        name = _required(p, "parameterId", f"studySpec.parameters[{i}]")
+        kinds = [t for t, key in _VALUE_SPECS.items() if key in p]
+        _require(len(kinds) == 1, f"parameter {name}: needs one of {', '.join(_VALUE_SPECS.values())}")
+        kind = kinds[0]
+        values = p[_VALUE_SPECS[kind]]
         parameters.append(
             _check_parameter(
                 Parameter(
-                    name=p["parameterId"],
-                    type=kind,  # type: ignore[arg-type]
+                    name=name,
+                    type=kind,
                     min_value=values.get("minValue"),
                     max_value=values.get("maxValue"),
                     values=tuple(values.get("values", ())),
@@ -203,10 +302,10 @@ def load_study(path: str) -> tuple[Study, dict[str, Any]]:
     document = read_mapping(path, "study config")
     try:
         study = study_from_vertex(document) if "studySpec" in document else study_from_legacy(document)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, ConfigError):
             raise ConfigError(f"{path}: {e}") from None
-        raise ConfigError(f"{path}: not a legacy or Vertex study config: {e!r}") from None
+        raise ConfigError(f"{path}: not a legacy or Vertex study config: {type(e).__name__} {e}") from None
     return study, document
 
 

@@ -2,21 +2,23 @@
 
 The job is the one training loop (`loop.train_lanes`) with one lane and one
 trial, the flags' own. Exit status: 0 when trained and exported, 2 with a
-one-line error, 143 after SIGTERM once every lane is saved (rerun the same
-command to continue).
+one-line error, 143 after SIGTERM and 130 after Ctrl-C once every lane is saved
+(rerun the same command to continue).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import jax
-
-from mnist_jax import log, loop, parallel, preemption, steps
+from mnist_jax import cli, log
 from mnist_jax.config import Config, parse_args
-from mnist_jax.errors import MnistJaxError, report
+from mnist_jax.errors import MnistJaxError
 from mnist_jax.study import Status
+
+if TYPE_CHECKING:
+    from mnist_jax import loop
 
 
 class OneTrial:
@@ -42,22 +44,23 @@ class OneTrial:
         log.logger.info(message)
 
 
+def run(config: Config) -> None:
+    """Trains the job `config` describes (imports JAX: flags, and --help, are answered before it loads)."""
+    import jax
+
+    from mnist_jax import loop, parallel, steps
+
+    log.configure(config.log_format, verbose=config.verbose)
+    parallel.initialize(config)
+    log.configure(config.log_format, verbose=config.verbose, quiet=jax.process_index() != 0)
+    if config.job_id or config.trial_id:
+        log.logger.info(f"Vertex AI job {config.job_id or '-'}, trial {config.trial_id or '-'}")
+    steps.enable_compile_cache()
+    loop.train_lanes(config, OneTrial(config), lanes=1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config = parse_args(argv)
-        log.configure(config.log_format, verbose=config.verbose)
-        parallel.initialize(config)
-        log.configure(config.log_format, verbose=config.verbose, quiet=jax.process_index() != 0)
-        if config.job_id or config.trial_id:
-            log.logger.info(f"Vertex AI job {config.job_id or '-'}, trial {config.trial_id or '-'}")
-        steps.enable_compile_cache()
-        loop.train_lanes(config, OneTrial(config), lanes=1)
-    except preemption.Preempted as e:
-        log.logger.warning(f"preempted: {e}")
-        return preemption.EXIT_STATUS
-    except MnistJaxError as e:
-        return report(e)
-    return 0
+    return cli.run(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -43,12 +43,10 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from mnist_jax import cli, log, search, storage, study_record, tune_lanes, tune_processes
 from mnist_jax import config as flags
-from mnist_jax import log, search, storage, study_record, tune_lanes, tune_processes
-from mnist_jax.errors import ConfigError, MnistJaxError, report
+from mnist_jax.errors import ConfigError, MnistJaxError
 from mnist_jax.log import logger
-from mnist_jax.preemption import EXIT_STATUS as PREEMPTED_STATUS
-from mnist_jax.preemption import Preempted
 from mnist_jax.study import Status, Study, load_study, to_vertex
 from mnist_jax.study_storage import BEATS_PER_STALE, PATIENCE_S, STALE_AFTER_S, StorageDown, StudyStore, View, redact
 
@@ -336,6 +334,13 @@ def open_driver(args: Any, extra: Sequence[str]) -> Driver:
     if args.stale_after <= 0 or args.storage_patience <= 0:
         raise ConfigError("--stale-after and --storage-patience must be > 0 seconds")
     spec = dataclasses.replace(spec, **overrides)
+    flags.check_tunable([p.name for p in spec.parameters], args.config)
+    reported = flags.parse_args([*extra, "--job-dir", args.job_dir]).hpt_metric_tag  # bad trainer flags fail here
+    if spec.metric != reported:
+        raise ConfigError(
+            f"{args.config}: the study's metric is '{spec.metric}', but the trainer reports its validation accuracy "
+            f"as '{reported}'; use that metric id, or pass --hpt-metric-tag {spec.metric} after --"
+        )
     name = args.study_name or Path(args.job_dir.rstrip("/")).name or "study"
     url = args.storage or default_storage(args.job_dir)
     timing = {"stale_after_s": args.stale_after, "patience_s": args.storage_patience}
@@ -393,25 +398,22 @@ def run(args: Any, extra: Sequence[str]) -> int:
     return finish(driver)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def command(argv: list[str]) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    try:
-        args = build_parser().parse_args(own)
-        if args.command == "convert":
-            study, _ = load_study(args.config)
-            print(yaml.safe_dump(to_vertex(study), sort_keys=False), end="")
-            return 0
-        log.configure(args.log_format, verbose=args.verbose)
-        if not args.verbose:
-            optuna.logging.disable_default_handler()
-        return run(args, extra)
-    except Preempted as e:
-        logger.warning(f"preempted: {e}")
-        return PREEMPTED_STATUS
-    except MnistJaxError as e:
-        return report(e)
+    args = build_parser().parse_args(own)
+    if args.command == "convert":
+        study, _ = load_study(args.config)
+        print(yaml.safe_dump(to_vertex(study), sort_keys=False), end="")
+        return 0
+    log.configure(args.log_format, verbose=args.verbose)
+    if not args.verbose:
+        optuna.logging.disable_default_handler()
+    return run(args, extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(lambda: command(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import optuna
 from mnist_jax import config as flags
 from mnist_jax.errors import ConfigError
 from mnist_jax.preemption import EXIT_STATUS as PREEMPTED_STATUS
-from mnist_jax.preemption import Preempted, PreemptionGuard
+from mnist_jax.preemption import INTERRUPTED_STATUS, Preempted, PreemptionGuard
 from mnist_jax.study import Status
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def _end_process(driver: Driver, running: TrialProcess, preempted: bool) -> None
     running.log.close()
     driver.keep_log(running.trial.number)
     code = running.process.returncode
-    terminated = code in (PREEMPTED_STATUS, -signal.SIGTERM)
+    terminated = code in (PREEMPTED_STATUS, INTERRUPTED_STATUS, -signal.SIGTERM, -signal.SIGINT)
     if code == 0:
         driver.tell(running.trial, Status.SUCCEEDED)
     elif terminated and running.stop_requested:
@@ -150,4 +150,6 @@ def run_processes(driver: Driver, parallel: int) -> None:
                     del running[number]
                     _end_process(driver, each, preemption.requested)
         if preemption.requested:
-            raise Preempted("SIGTERM: every running trial saved its checkpoint; rerun the same command to continue")
+            raise Preempted(
+                "every running trial saved its checkpoint; rerun the same command to continue", preemption.signum
+            )
