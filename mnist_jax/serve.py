@@ -20,7 +20,9 @@ compiled before health reports ready, so nothing compiles while serving.
 Client mistakes get 400 (or 413 for a body over `--max-body-bytes`) with a
 one-line JSON error, and are rejected before batching, so they never touch
 other requests. SIGTERM stops accepting connections, drains requests in
-flight, then exits.
+flight, then exits. The server logs (in `--log-format`, as the trainer does)
+when it loads the model, when it is ready (model, address, routes) and when it
+stops; `--access-log` adds a line per request.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -51,6 +54,7 @@ else:
 
 from mnist_jax import config, log
 from mnist_jax.errors import DataError, MnistJaxError, report
+from mnist_jax.log import logger
 from mnist_jax.predict import images_from_instances, load_model, predictions
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -159,12 +163,14 @@ def create_app(
     max_body_bytes: int,
     health_route: str,
     predict_route: str,
+    address: str = "",
 ) -> Starlette:
     """The Starlette app; the model loads (and compiles) in the background after start-up."""
     state: dict[str, Batcher] = {}
     ready = threading.Event()
 
     def load() -> None:
+        logger.info(f"loading {model_path}")
         batcher = Batcher(load_model(model_path), max_batch, batch_timeout_ms / 1000, max_instances)
         batcher.warm_up()
         # What exists now (JAX, the model, the libraries) lives as long as the server: frozen, the cyclic
@@ -173,6 +179,10 @@ def create_app(
         gc.freeze()
         state["batcher"] = batcher
         ready.set()
+        logger.info(
+            f"ready: serving {model_path} on {address}: GET {health_route}, POST {predict_route} "
+            f"(batches of up to {max_batch} images, compiled)"
+        )
 
     async def health(request: Request) -> Response:
         if not ready.is_set():
@@ -220,6 +230,7 @@ def create_app(
         try:
             yield
         finally:  # after uvicorn has drained the requests in flight
+            logger.info("stopped: the requests in flight were answered")
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -230,6 +241,30 @@ def create_app(
         routes=[Route(health_route, health, methods=["GET"]), Route(predict_route, predict, methods=["POST"])],
         lifespan=lifespan,
     )
+
+
+class AccessLog:
+    """ASGI middleware: one line per request (client, method, path, status, milliseconds), in the log's format."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [0]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+            elapsed = 1000 * (time.perf_counter() - started)
+            logger.info(f'{client} "{scope["method"]} {scope["path"]}" {status[0]} {elapsed:.1f} ms')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-instances", type=int, default=128, help="most instances in one request")
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
+    parser.add_argument("--access-log", action="store_true", help="log a line per request")
     config.add_flags(parser, config.OUTPUT_FLAGS)
     return parser
 
@@ -274,9 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         health_route=os.environ.get("AIP_HEALTH_ROUTE", "/health"),
         predict_route=os.environ.get("AIP_PREDICT_ROUTE", "/predict"),
+        address=f"http://{args.host}:{args.port}",
     )
+    asgi = AccessLog(app) if args.access_log else app
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.Config(asgi, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     )
     app.state.server = server
     server.run()

@@ -27,7 +27,7 @@ MAX_BODY = 128_000
 
 
 class Server:
-    def __init__(self, model: str, *args: str, env: dict | None = None) -> None:
+    def __init__(self, model: str, *args: str, env: dict | None = None, stdout=None) -> None:
         import os
 
         self.port = free_port()
@@ -48,6 +48,7 @@ class Server:
             ],
             cwd=REPO,
             env={**os.environ, **(env or {})},
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -245,3 +246,24 @@ def test_unloadable_model_is_a_one_line_error(tmp_path):
     assert (
         stderr.strip().splitlines()[-1] == f"error: cannot load the model: model file not found: {tmp_path}/missing.h5"
     )
+
+
+def test_the_server_logs_its_start_its_requests_and_its_stop_as_json(trained_job, digits, tmp_path):
+    with open(tmp_path / "out", "w") as out:
+        server = Server(str(trained_job / "model.h5"), "--access-log", "--log-format", "json", stdout=out)
+        server.wait_healthy()
+        assert server.request("POST", "/predict", json.dumps({"instances": [digits[0].tolist()]}).encode())[0] == 200
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=60)
+    entries = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()]
+    assert {e["severity"] for e in entries} == {"INFO"}
+    messages = [e["message"] for e in entries]
+    assert messages[0] == f"loading {trained_job / 'model.h5'}"
+    ready = messages.index(
+        f"ready: serving {trained_job / 'model.h5'} on http://127.0.0.1:{server.port}: GET /health, POST /predict "
+        "(batches of up to 64 images, compiled)"
+    )
+    (posted,) = [i for i, m in enumerate(messages) if '"POST /predict" 200 ' in m]
+    assert ready < posted and messages[posted].startswith("127.0.0.1:") and messages[posted].endswith(" ms")
+    assert any('"GET /health" ' in m for m in messages)
+    assert messages[-1] == "stopped: the requests in flight were answered"
