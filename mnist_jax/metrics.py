@@ -147,6 +147,7 @@ class CurvesFigure:
     def __init__(self) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         self.figure = Figure(figsize=(10, 4), dpi=100)
         FigureCanvasAgg(self.figure)
@@ -157,7 +158,7 @@ class CurvesFigure:
             axes.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch")
             axes.grid(True, alpha=0.3)
             axes.legend()
-            axes.xaxis.get_major_locator().set_params(integer=True)
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs and trials
             self.panels[name] = (axes, train, validation)
         self.figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)  # no layout engine
         self.lock = threading.Lock()

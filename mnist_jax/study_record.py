@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_jax.study import Status, Study
 
 OWNER = "mnist_jax:owner"  # a trial's system attribute: the worker that runs it
+LEGEND_TRIALS = 12  # study.png names more trials than this at their curves' ends instead of in a legend
 
 
 def status_of(state: TrialState) -> Status:
@@ -123,17 +124,31 @@ def _short(value: Any) -> str:
 
 
 def study_png(summary: dict[str, Any]) -> bytes:
-    """Each trial's metric over epochs (stopped trials dashed) and the best so far, trial by trial."""
+    buffer = io.BytesIO()
+    study_figure(summary).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def study_figure(summary: dict[str, Any]) -> Any:
+    """Each trial's metric over epochs (stopped trials dashed, each named) and the best so far, trial by trial."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(figure)
     curves, best = figure.subplots(1, 2)
-    for t in summary["trials"]:
-        if t["measurements"]:
-            epochs, values = zip(*t["measurements"])
-            curves.plot(epochs, values, "--" if t["status"] == Status.STOPPED else "-", marker=".", alpha=0.7)
+    measured = [t for t in summary["trials"] if t["measurements"]]
+    for t in measured:
+        epochs, values = zip(*t["measurements"])
+        style = "--" if t["status"] == Status.STOPPED else "-"
+        (line,) = curves.plot(epochs, values, style, marker=".", alpha=0.7, label=f"trial {t['id']}")
+        if len(measured) > LEGEND_TRIALS:  # too many for a legend: each curve's id at its end
+            curves.annotate(str(t["id"]), (epochs[-1], values[-1]), fontsize=6, color=line.get_color())
+    if measured and len(measured) <= LEGEND_TRIALS:
+        curves.legend(fontsize=7, ncol=2)
+    all_epochs = [e for t in measured for e, _ in t["measurements"]] or [1]
+    curves.set_xlim(min(all_epochs) - 0.5, max(all_epochs) + 0.5)  # whole epochs on the axis, even for one
     curves.set(xlabel="epoch", ylabel=summary["metric"], title="each trial (dashed: stopped)")
     pick = max if summary["goal"] == "MAXIMIZE" else min
     scored = [t for t in summary["trials"] if t["metric"] is not None]
@@ -145,11 +160,9 @@ def study_png(summary: dict[str, Any]) -> bytes:
     best.set(xlabel="trial", ylabel=summary["metric"], title="best so far")
     for axes in (curves, best):
         axes.grid(True, alpha=0.3)
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs and trials
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.25)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
 
 
 def json_text(summary: dict[str, Any]) -> str:

@@ -168,3 +168,29 @@ def test_help_and_flag_errors_import_no_jax(args):
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def _whole_ticks(axes) -> list[float]:
+    low, high = axes.get_xlim()
+    return [t for t in axes.get_xticks() if low <= t <= high]
+
+
+def test_pictures_have_whole_epochs_on_their_axes_and_name_each_trial():
+    from mnist_jax import metrics, study_record
+
+    curves = metrics.CurvesFigure()
+    curves.png([{"epoch": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85}])
+    for axes, _, _ in curves.panels.values():
+        assert _whole_ticks(axes) == [1.0]  # one epoch: the tick 1, not 0.96 ... 1.04
+
+    def trial(i, epochs):
+        return {"id": i, "status": "SUCCEEDED", "metric": 0.1 * i, "measurements": [[e, 0.1 * i] for e in epochs]}
+
+    summary = {"metric": "accuracy", "goal": "MAXIMIZE", "trials": [trial(i, [1]) for i in (1, 2, 3)]}
+    curves_axes, best_axes = study_record.study_figure(summary).axes
+    assert [t.get_text() for t in curves_axes.get_legend().get_texts()] == ["trial 1", "trial 2", "trial 3"]
+    assert _whole_ticks(curves_axes) == [1.0] and all(t.is_integer() for t in _whole_ticks(best_axes))
+    many = {**summary, "trials": [trial(i, [1, 2]) for i in range(1, 21)]}
+    curves_axes, _ = study_record.study_figure(many).axes
+    assert curves_axes.get_legend() is None  # too many for a legend: each curve's id at its end
+    assert sorted(int(t.get_text()) for t in curves_axes.texts) == list(range(1, 21))
