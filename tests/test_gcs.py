@@ -152,7 +152,8 @@ def test_permission_denied_is_a_one_line_error(fake_gcs, tiny_pickle):
         proxy.shutdown()
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: storage error on gs://bucket/forbidden/job/config.json: Forbidden")
+    # The first access to the job dir, looking for a checkpoint to resume, is the one refused.
+    assert line.startswith("error: storage error on gs://bucket/forbidden/job/checkpoints: Forbidden")
 
 
 def test_a_study_with_a_gcs_job_dir(gcs_env, tiny_pickle, tmp_path):
