@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+from collections.abc import Callable, Sequence
 
+from mnist_jax import log
 from mnist_jax.errors import MnistJaxError, report
 from mnist_jax.log import logger
 from mnist_jax.preemption import INTERRUPTED_STATUS, Preempted
@@ -22,3 +24,16 @@ def run(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted (Ctrl-C)")
         return INTERRUPTED_STATUS
+
+
+def main(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, body: Callable[[argparse.Namespace], int | None]
+) -> int:
+    """Parses `argv`, sets up the output flags (`config.OUTPUT_FLAGS`), then runs `body(args)` as `run` does."""
+
+    def parsed() -> int | None:
+        args = parser.parse_args(argv)
+        log.configure(args.log_format, verbose=args.verbose)
+        return body(args)
+
+    return run(parsed)

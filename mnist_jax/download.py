@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax import config, log, storage
+from mnist_jax import cli, config, log, storage
 from mnist_jax.data import Dataset, is_pair, load, parse, safe_unpickle, validate
-from mnist_jax.errors import DataError, MnistJaxError, report
+from mnist_jax.errors import DataError
 
 # sha256 of `array.tobytes()` for real MNIST, x as (N, 28, 28) uint8, y uint8.
 MNIST_SHA256 = {
@@ -184,13 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = config.Parser(prog="python -m mnist_jax.download", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=config.DEFAULT_TRAIN_FILE, help="local path or gs:// URI")
     config.add_flags(parser, config.OUTPUT_FLAGS)
-    try:
-        args = parser.parse_args(argv)
-        log.configure(args.log_format, verbose=args.verbose)
-        download(args.out)
-    except MnistJaxError as e:
-        return report(e)
-    return 0
+    return cli.main(parser, argv, lambda args: download(args.out))
 
 
 if __name__ == "__main__":

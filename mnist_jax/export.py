@@ -24,7 +24,8 @@ import h5py
 import numpy as np
 
 from mnist_jax import storage
-from mnist_jax.errors import DataError, MnistJaxError, report
+from mnist_jax.errors import DataError
+from mnist_jax.log import logger
 from mnist_jax.model import NUM_CLASSES, RMSPROP_EPSILON, RMSPROP_RHO
 
 KERAS_VERSION = "2.15.0"
@@ -187,7 +188,7 @@ def read_model(uri: str) -> tuple[dict[str, dict[str, np.ndarray]], tuple[float,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mnist_jax import checkpoint, config, log  # JAX and Orbax: only this CLI needs them
+    from mnist_jax import checkpoint, cli, config  # JAX and Orbax: only this CLI needs them
 
     parser = config.Parser(prog="python -m mnist_jax.export", description="Export a checkpoint as model.h5.")
     parser.add_argument(
@@ -196,15 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="global step to export (default: the newest)")
     parser.add_argument("--out", required=True, help="where to write the .h5, local or gs:// (default: required)")
     config.add_flags(parser, config.OUTPUT_FLAGS)
-    try:
-        args = parser.parse_args(argv)
-        log.configure(args.log_format, verbose=args.verbose)
+
+    def export(args: Any) -> None:
         params, saved, step = checkpoint.load_params(args.checkpoint, args.step)
         write_model(args.out, params, (saved["dropout_one"], saved["dropout_two"]), saved["learning_rate"])
-    except MnistJaxError as e:
-        return report(e)
-    log.logger.info(f"Wrote {args.out} from step {step} of {args.checkpoint}")
-    return 0
+        logger.info(f"Wrote {args.out} from step {step} of {args.checkpoint}")
+
+    return cli.main(parser, argv, export)
 
 
 if __name__ == "__main__":

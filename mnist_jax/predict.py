@@ -23,9 +23,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax import config, export, log, storage
+from mnist_jax import cli, config, export, storage
 from mnist_jax.data import IMAGE_PIXELS
-from mnist_jax.errors import DataError, MnistJaxError, report
+from mnist_jax.errors import DataError
 from mnist_jax.model import MLP
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -193,18 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", default=None, help=".npy, .png or instances JSON (default: JSON on stdin)")
     parser.add_argument("--output", default=None, help="where to write the JSON (default: stdout)")
     config.add_flags(parser, config.OUTPUT_FLAGS)
-    try:
-        args = parser.parse_args(argv)
-        log.configure(args.log_format, verbose=args.verbose)
+
+    def predict(args: Any) -> None:
         images = read_images(args.input)
         result = json.dumps(predictions(load_model(args.model)(images)))
         if args.output:
             storage.write_bytes_atomic(args.output, (result + "\n").encode())
         else:
             print(result)
-    except MnistJaxError as e:
-        return report(e)
-    return 0
+
+    return cli.main(parser, argv, predict)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ except ImportError as missing:
 else:
     SERVE_EXTRA_MISSING = None
 
-from mnist_jax import config, log
-from mnist_jax.errors import DataError, MnistJaxError, report
+from mnist_jax import cli, config
+from mnist_jax.errors import DataError, MnistJaxError
 from mnist_jax.log import logger
 from mnist_jax.predict import images_from_instances, load_model, predictions
 
@@ -292,16 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except MnistJaxError as e:
-        return report(e)
+def serve(args: argparse.Namespace) -> None:
+    """Serves until SIGTERM; a model that cannot be loaded ends it with one line."""
     if SERVE_EXTRA_MISSING is not None:
-        return report(f"the server needs the serve extra: pip install 'mnist-jax[serve]' ({SERVE_EXTRA_MISSING})")
-    log.configure(args.log_format, verbose=args.verbose)
+        raise MnistJaxError(f"the server needs the serve extra: pip install 'mnist-jax[serve]' ({SERVE_EXTRA_MISSING})")
     if not args.model:
-        return report("no model: pass --model or set AIP_STORAGE_URI")
+        raise MnistJaxError("no model: pass --model or set AIP_STORAGE_URI")
     app = create_app(
         args.model,
         max_batch=args.max_batch,
@@ -319,8 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.state.server = server
     server.run()
     if app.state.load_error:
-        return report(f"cannot load the model: {app.state.load_error}")
-    return 0
+        raise MnistJaxError(f"cannot load the model: {app.state.load_error}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), argv, serve)
 
 
 if __name__ == "__main__":
