@@ -30,12 +30,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from mnist_jax import storage
-from mnist_jax.config import LANE_GROUPS_DIR, Config
+from mnist_jax.config import LANE_GROUPS_DIR, SHAPING, Config
 from mnist_jax.errors import CheckpointError
 from mnist_jax.log import logger
 
-# Settings that fix the shapes in a checkpoint: a different value cannot resume it.
-SHAPING_KEYS = ("hidden_units",)
 UNREADABLE_SUFFIX = ".unreadable"
 
 
@@ -60,7 +58,7 @@ class Cadence:
 
 def shaping(config: Config) -> dict[str, Any]:
     """The settings that fix a checkpoint's shapes, as this config has them."""
-    return {key: getattr(config, key) for key in SHAPING_KEYS}
+    return {key: getattr(config, key) for key in SHAPING}
 
 
 def record(config: Config, epoch: int) -> dict[str, Any]:
@@ -132,7 +130,7 @@ class Checkpointer:
         """The newest readable checkpoint's state on `sharding` (any device count), or None if there is none.
 
         `abstract_state` gives the expected structure; `shaping` holds this run's
-        values of SHAPING_KEYS, compared with the checkpoint's before any array is
+        values of the SHAPING settings, compared with the checkpoint's before any array is
         read (a mismatch is an error, not a damaged checkpoint). Unreadable newer
         checkpoints are set aside, so the next save of their step finds room.
         """

@@ -5,10 +5,16 @@ Nothing else in the package reads trainer flags, and only this module and
 `parse_args` turns argv and the environment into a frozen, validated `Config`;
 the trainer writes `Config.to_dict()` to the job dir's `config.json`.
 
-Each flag is declared once, in `FLAGS`, with its help; its default is the
-`Config` field's. `--config FILE` reads a job's `config.json` (or a YAML
-mapping of flags) as defaults, and flags given on the command line win, so
-`python -m mnist_jax.train --config JOB/config.json` reruns a job exactly.
+Each setting is declared once, as its `Config` field (`setting(...)`): its
+default, flag parser, help, and what it means to the rest of the package
+(whether lanes must share it, whether it shapes a checkpoint, whether
+TensorBoard shows it, whether it is a location or recorded only). `FLAGS`,
+`SHARED`, `SHAPING`, `HPARAMS`, `LOCATIONS`, `OUTPUT_FLAGS` and
+`RECORDED_ONLY` are derived from those declarations; adding a setting is one
+field plus the code that uses it. `--config FILE` reads a job's `config.json`
+(or a YAML mapping of flags) as defaults, and flags given on the command line
+win, so `python -m mnist_jax.train --config JOB/config.json` reruns a job
+exactly.
 
 Vertex AI: where Vertex sets `AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR` and
 `AIP_TENSORBOARD_LOG_DIR`, `model.h5`, checkpoints and TensorBoard events go
@@ -41,47 +47,6 @@ DEFAULT_TRAIN_FILE = "data/mnist.pkl"
 DEFAULT_JOB_DIR = "./tmp/mnist_mlp"
 DEFAULT_HPT_METRIC_FILE = "/tmp/hypertune/output.metrics"  # cloudml-hypertune's default
 LANE_GROUPS_DIR = "lanes"  # under a study's job dir: each run of lanes saves its group there
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of a training run (defaults are the Keras mnist_mlp's)."""
-
-    # None means the embedded default, DEFAULT_TRAIN_FILE, fetched if absent.
-    train_file: str | None = None
-    job_dir: str = DEFAULT_JOB_DIR
-    epochs: int = 20
-    batch_size: int = 128  # global batch, split evenly over the devices of a lane
-    learning_rate: float = 0.001
-    dropout_one: float = 0.2
-    dropout_two: float = 0.2
-    seed: int = 0
-    hidden_units: int = 512  # width of both hidden layers; shapes the checkpoint
-    validation_split: float = 0.0  # fraction held out from the end of the training set; 0: validate on test
-    checkpoint_every: str = "30s"  # "N": every N epochs; "Ss": at the first epoch end S seconds after the last save
-    keep_checkpoints: int = 3  # newest checkpoints kept on disk
-    # Output locations; parse_args resolves them (flag, else Vertex variable, else under job_dir).
-    model_dir: str = DEFAULT_JOB_DIR  # model.h5
-    checkpoint_dir: str = f"{DEFAULT_JOB_DIR}/checkpoints"
-    tensorboard_dir: str = f"{DEFAULT_JOB_DIR}/logs"  # each run writes to a <timestamp> directory inside
-    hpt_metric_tag: str = "accuracy"  # the tuning metric's id (the study's hyperparameterMetricTag)
-    hpt_metric_file: str = DEFAULT_HPT_METRIC_FILE  # CLOUD_ML_HP_METRIC_FILE: where the tuning service reads it
-    job_id: str | None = None  # CLOUD_ML_JOB_ID
-    trial_id: str | None = None  # CLOUD_ML_TRIAL_ID
-    # Multi-host: all three, or none (then CLUSTER_SPEC or Cloud TPU detection decides).
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    log_format: str = "text"
-    verbose: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Settings that come from the environment alone: config.json records them, --config ignores them.
-RECORDED_ONLY = ("hpt_metric_file", "job_id", "trial_id", "runtime")
-LOCATIONS = ("model_dir", "checkpoint_dir", "tensorboard_dir")
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -150,80 +115,153 @@ def _cadence(text: str) -> str:
 _rate = _float_in(0, 1, low_open=False, high_open=True)
 
 
-class Flag(NamedTuple):
-    name: str  # the Config field
-    parse: Callable[[str], Any] | None  # None: a switch
+class Setting(NamedTuple):
+    """What one setting means, beside its name, type and default (its `Config` field)."""
+
+    parse: Callable[[str], Any] | None  # the flag's parser; None: a switch
     help: str
     metavar: str | None = None
+    flag: bool = True  # False: from the environment alone; config.json records it, --config ignores it
+    resolved: bool = False  # its flag's default is None: parse_args resolves it (Vertex's variables, the job dir)
+    location: bool = False  # an output location under the job dir unless set
+    shared: bool = False  # every lane of one program must have the same value: it fixes the data or the shapes
+    shaping: bool = False  # it fixes a checkpoint's shapes: a different value cannot resume it
+    hparam: bool = False  # TensorBoard shows it as a hyperparameter
+    output: bool = False  # an output flag every command-line entry point takes
 
 
-FLAGS = (
-    Flag(
-        "config",
-        _text,
-        "a job's config.json, or a YAML mapping of these flags, read as defaults; flags given here win (default: none)",
-        "FILE",
-    ),
-    Flag(
-        "train_file",
+def setting(
+    default: Any, parse: Callable[[str], Any] | None, help: str, metavar: str | None = None, **means: bool
+) -> Any:
+    """A `Config` field and everything it means, declared in one place."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(parse, help, metavar, **means)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a training run (defaults are the Keras mnist_mlp's), each declared once."""
+
+    train_file: str | None = setting(  # None: the embedded default, DEFAULT_TRAIN_FILE, fetched if absent
+        None,
         _text,
         f"pickle/npz of ((x_train, y_train), (x_test, y_test)); local, file:// or gs:// "
         f"(default: {DEFAULT_TRAIN_FILE}, downloaded if absent)",
         "PATH",
-    ),
-    Flag(
-        "job_dir",
+        shared=True,
+    )
+    job_dir: str = setting(
+        DEFAULT_JOB_DIR,
         _text,
         f"where outputs go; local or gs:// (default: the parent of $AIP_MODEL_DIR, else {DEFAULT_JOB_DIR})",
         "DIR",
-    ),
-    Flag("epochs", _positive, "total epochs; a rerun with more trains only the extra ones"),
-    Flag("batch_size", _positive, "global batch size; must divide evenly over the devices"),
-    Flag("learning_rate", _float_in(0, math.inf, low_open=True, high_open=True), "RMSprop learning rate"),
-    Flag("dropout_one", _rate, "dropout rate after the first hidden layer, in [0, 1)"),
-    Flag("dropout_two", _rate, "dropout rate after the second hidden layer, in [0, 1)"),
-    Flag("seed", _int_at_least(0), "initialization, shuffling and dropout all derive from it"),
-    Flag("hidden_units", _positive, "width of both hidden layers"),
-    Flag(
-        "validation_split",
+        resolved=True,
+    )
+    epochs: int = setting(20, _positive, "total epochs; a rerun with more trains only the extra ones", hparam=True)
+    batch_size: int = setting(  # the global batch, split evenly over the devices of a lane
+        128, _positive, "global batch size; must divide evenly over the devices", shared=True, hparam=True
+    )
+    learning_rate: float = setting(
+        0.001, _float_in(0, math.inf, low_open=True, high_open=True), "RMSprop learning rate", hparam=True
+    )
+    dropout_one: float = setting(0.2, _rate, "dropout rate after the first hidden layer, in [0, 1)", hparam=True)
+    dropout_two: float = setting(0.2, _rate, "dropout rate after the second hidden layer, in [0, 1)", hparam=True)
+    seed: int = setting(0, _int_at_least(0), "initialization, shuffling and dropout all derive from it", hparam=True)
+    hidden_units: int = setting(512, _positive, "width of both hidden layers", shared=True, shaping=True, hparam=True)
+    validation_split: float = setting(
+        0.0,
         _rate,
         "hold out this last fraction of the training set for the val_* metrics and the tuning metric; "
         "0 validates on the test set",
-    ),
-    Flag(
-        "checkpoint_every",
+        shared=True,
+    )
+    checkpoint_every: str = setting(  # "N": every N epochs; "Ss": at the first epoch end S seconds after the last save
+        "30s",
         _cadence,
         "save a checkpoint every N epochs, or with a unit (30s, 5m, 1h) at the first epoch end that long after "
         "the last save; the last epoch, a stop and SIGTERM always save",
         "N|DURATION",
-    ),
-    Flag("keep_checkpoints", _positive, "how many of the newest checkpoints to keep"),
-    Flag("model_dir", _text, "where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)", "DIR"),
-    Flag(
-        "checkpoint_dir",
-        _text,
-        "checkpoint directory (default: $AIP_CHECKPOINT_DIR, else <job-dir>/checkpoints)",
-        "DIR",
-    ),
-    Flag(
-        "tensorboard_dir",
-        _text,
-        "TensorBoard log directory (default: $AIP_TENSORBOARD_LOG_DIR, else <job-dir>/logs)",
-        "DIR",
-    ),
-    Flag("hpt_metric_tag", _text, "tag of the validation accuracy reported to hyperparameter tuning", "TAG"),
-    Flag(
-        "coordinator_address",
+    )
+    keep_checkpoints: int = setting(3, _positive, "how many of the newest checkpoints to keep")
+    model_dir: str = setting(
+        DEFAULT_JOB_DIR, _text, "where model.h5 goes (default: $AIP_MODEL_DIR, else the job dir)", "DIR",
+        resolved=True, location=True,
+    )  # fmt: skip
+    checkpoint_dir: str = setting(
+        f"{DEFAULT_JOB_DIR}/checkpoints", _text,
+        "checkpoint directory (default: $AIP_CHECKPOINT_DIR, else <job-dir>/checkpoints)", "DIR",
+        resolved=True, location=True,
+    )  # fmt: skip
+    tensorboard_dir: str = setting(  # each run writes to a <timestamp> directory inside
+        f"{DEFAULT_JOB_DIR}/logs", _text,
+        "TensorBoard log directory (default: $AIP_TENSORBOARD_LOG_DIR, else <job-dir>/logs)", "DIR",
+        resolved=True, location=True,
+    )  # fmt: skip
+    hpt_metric_tag: str = setting(  # the tuning metric's id (the study's hyperparameterMetricTag)
+        "accuracy", _text, "tag of the validation accuracy reported to hyperparameter tuning", "TAG"
+    )
+    hpt_metric_file: str = setting(  # CLOUD_ML_HP_METRIC_FILE: where the tuning service reads it
+        DEFAULT_HPT_METRIC_FILE, None, "", flag=False
+    )
+    job_id: str | None = setting(None, None, "", flag=False)  # CLOUD_ML_JOB_ID
+    trial_id: str | None = setting(None, None, "", flag=False)  # CLOUD_ML_TRIAL_ID
+    # Multi-host: all three, or none (then CLUSTER_SPEC or Cloud TPU detection decides).
+    coordinator_address: str | None = setting(
+        None,
         _text,
         "multi-host: address of process 0's coordinator (default: $CLUSTER_SPEC, else one process)",
         "HOST:PORT",
-    ),
-    Flag("num_processes", _positive, "multi-host: number of processes (default: one process)"),
-    Flag("process_id", _int_at_least(0), "multi-host: this process's index (default: one process)"),
-    Flag("log_format", _choice(*log.FORMATS), "text, or json: one JSON object per line with severity and message"),
-    Flag("verbose", None, "also show the libraries' own logs and warnings"),
+    )
+    num_processes: int | None = setting(None, _positive, "multi-host: number of processes (default: one process)")
+    process_id: int | None = setting(None, _int_at_least(0), "multi-host: this process's index (default: one process)")
+    log_format: str = setting(
+        "text",
+        _choice(*log.FORMATS),
+        "text, or json: one JSON object per line with severity and message",
+        output=True,
+    )
+    verbose: bool = setting(False, None, "also show the libraries' own logs and warnings", output=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config)}
+CONFIG_FLAG = Setting(
+    _text,
+    "a job's config.json, or a YAML mapping of these flags, read as defaults; flags given here win (default: none)",
+    "FILE",
+    resolved=True,
 )
-_FLAGS = {flag.name: flag for flag in FLAGS}
+
+
+def names(meaning: str) -> tuple[str, ...]:
+    """The settings that have `meaning` (a `Setting` field: shared, shaping, hparam, location...), in order."""
+    return tuple(name for name, each in SETTINGS.items() if getattr(each, meaning))
+
+
+# The groups the rest of the package reads, each derived from the declarations above.
+FLAGS = ("config", *names("flag"))  # every trainer flag, --config first
+LOCATIONS = names("location")
+SHARED = names("shared")
+SHAPING = names("shaping")
+HPARAMS = names("hparam")
+OUTPUT_FLAGS = names("output")
+RECORDED_ONLY = (*(name for name, each in SETTINGS.items() if not each.flag), "runtime")  # runtime: config.json's
+
+
+def flag_name(name: str) -> str:
+    """A setting's flag spelling: `dropout_one` -> `dropout-one`."""
+    return name.replace("_", "-")
+
+
+def field_name(name: str) -> str:
+    """A flag's or study parameter's setting: `dropout-one` (or `dropout_one`) -> `dropout_one`."""
+    return str(name).replace("-", "_")
+
+
+def flag_text(value: Any) -> str:
+    """A value as a flag takes it back unchanged: floats in full (repr), the rest as str."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -258,13 +296,13 @@ def add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     """Declares the named `FLAGS` on `parser`, each in its dashed and underscored spelling."""
     defaults = Config()
     for name in names:
-        flag = _FLAGS[name]
-        dashed = "--" + name.replace("_", "-")
+        flag = CONFIG_FLAG if name == "config" else SETTINGS[name]
+        dashed = "--" + flag_name(name)
         spellings = [dashed] if dashed == "--" + name else [dashed, "--" + name]
         if flag.parse is None:
             parser.add_argument(*spellings, dest=name, action="store_true", help=flag.help)
             continue
-        default = None if name in ("config", "job_dir", *LOCATIONS) else getattr(defaults, name, None)
+        default = None if flag.resolved else getattr(defaults, name)
         parser.add_argument(
             *spellings, dest=name, type=flag.parse, default=default, metavar=flag.metavar, help=flag.help
         )
@@ -276,23 +314,19 @@ def did_you_mean(name: str, known: Any) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def check_tunable(names: Sequence[str], where: str) -> None:
-    """Each of `names` (a study's parameters) is a trainer flag a trial can be given; else a ConfigError that
+def check_tunable(parameters: Sequence[str], where: str) -> None:
+    """Each of `parameters` (a study's) is a trainer flag a trial can be given; else a ConfigError that
     names the nearest one."""
-    tunable = [f.name.replace("_", "-") for f in FLAGS if f.name not in ("config", "job_dir", *LOCATIONS)]
-    for name in names:
-        if name.replace("_", "-") not in tunable:
+    tunable = [flag_name(name) for name in FLAGS if not (CONFIG_FLAG if name == "config" else SETTINGS[name]).resolved]
+    for name in parameters:
+        if flag_name(field_name(name)) not in tunable:
             raise ConfigError(f"{where}: parameter {name} is not a trainer flag{did_you_mean(name, tunable)}")
-
-
-# The output flags every command-line entry point takes.
-OUTPUT_FLAGS = ("log_format", "verbose")
 
 
 def build_parser(prog: str = "python -m mnist_jax.train") -> argparse.ArgumentParser:
     """The trainer's flags: all of `FLAGS`; defaults come from `Config`."""
     parser = Parser(prog=prog, description="Train the Keras mnist_mlp data-parallel on every device.")
-    add_flags(parser, [flag.name for flag in FLAGS])
+    add_flags(parser, FLAGS)
     return parser
 
 
@@ -318,8 +352,8 @@ def read_mapping(path: str, what: str) -> dict[str, Any]:
 def read_config_file(path: str) -> dict[str, Any]:
     """The settings in a config.json or YAML of flags, parsed as their flags would be."""
     document = read_mapping(path, "--config")
-    settings = {str(k).replace("-", "_"): v for k, v in document.items() if k not in RECORDED_ONLY}
-    unknown = sorted(set(settings) - set(_FLAGS) - {"config"})
+    settings = {field_name(k): v for k, v in document.items() if k not in RECORDED_ONLY}
+    unknown = sorted(set(settings) - set(FLAGS))
     if unknown:
         raise ConfigError(f"--config {path}: unknown settings {', '.join(unknown)}")
     # Locations that only follow the job dir are not pinned: `--job-dir NEW` moves them too.
@@ -328,12 +362,12 @@ def read_config_file(path: str) -> dict[str, Any]:
     for name, value in settings.items():
         if value is None or name == "config" or derived.get(name) == value:
             continue
-        flag = _FLAGS[name]
+        flag = SETTINGS[name]
         if flag.parse is None:
             values[name] = bool(value)
             continue
         try:
-            values[name] = flag.parse(repr(value) if isinstance(value, float) else str(value))
+            values[name] = flag.parse(flag_text(value))
         except argparse.ArgumentTypeError as e:
             raise ConfigError(f"--config {path}: {name}: {e}") from None
     return values

@@ -36,15 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import checkpoint, data, download, export, metrics, parallel, steps, storage, writer
-from mnist_jax.config import Config
+from mnist_jax.config import SHARED, Config
 from mnist_jax.errors import ConfigError, MnistJaxError
 from mnist_jax.log import logger
 from mnist_jax.model import MLP, count_params
 from mnist_jax.preemption import Preempted, PreemptionGuard
 from mnist_jax.study import Status
-
-# What every lane of one program must share: the data and the shapes.
-SHARED = ("train_file", "batch_size", "hidden_units", "validation_split")
 
 
 class Outcome(NamedTuple):

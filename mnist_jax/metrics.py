@@ -28,11 +28,9 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from mnist_jax import storage
-from mnist_jax.config import Config
+from mnist_jax.config import HPARAMS, Config
 
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
-# The settings shown as hyperparameters in TensorBoard.
-HPARAMS = ("learning_rate", "dropout_one", "dropout_two", "batch_size", "epochs", "seed", "hidden_units")
 FLUSH_S = 5  # TensorBoard's events reach the file at most this long after they are written
 REDRAW_S = 5  # the solo job's curves.png is redrawn at most this often
 
@@ -201,7 +199,7 @@ class Reporter:
 
         self.log = MetricsLog(config.job_dir)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        hparams = {key: getattr(config, key) for key in HPARAMS}
+        hparams = {key: getattr(config, key) for key in HPARAMS}  # the settings declared hparam
         self.tensorboard = TensorBoardLog(storage.join(config.tensorboard_dir, stamp), hparams)
         self.curves_path = storage.join(config.job_dir, "curves.png")
         self.learning_rate = config.learning_rate

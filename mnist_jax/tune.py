@@ -53,10 +53,6 @@ from mnist_jax.study_storage import BEATS_PER_STALE, PATIENCE_S, STALE_AFTER_S, 
 SUMMARY_S = 5.0  # study.json is rewritten at most this often while trials end (and always at the end)
 
 
-def _flag_value(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 class Writes(NamedTuple):
     """What an epoch's decisions leave to write: measurements, pruner attributes, console lines."""
 
@@ -158,7 +154,7 @@ class Driver:
             *self.extra,
             "--job-dir",
             self.trial_dir(trial.number),
-            *(f"--{name}={_flag_value(value)}" for name, value in params.items()),
+            *(f"--{name}={flags.flag_text(value)}" for name, value in params.items()),
         ]
         env = {
             "CLOUD_ML_TRIAL_ID": str(trial.number + 1),

@@ -79,7 +79,7 @@ def run_lanes(driver: Driver, lanes: int) -> None:
     """Runs the study's trials in `lanes` lanes of one training program (imports JAX)."""
     from mnist_jax import loop, parallel, steps
 
-    shared = sorted({p.name.replace("-", "_") for p in driver.spec.parameters} & set(loop.SHARED))
+    shared = sorted({flags.field_name(p.name) for p in driver.spec.parameters} & set(flags.SHARED))
     if shared:
         raise ConfigError(f"--vectorize: trials trained together must share {', '.join(shared)}; the study tunes it")
     parallel.initialize(driver.base)

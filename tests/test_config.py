@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from mnist_jax import config as flags
 from mnist_jax.config import Config, parse_args
 from mnist_jax.errors import ConfigError
 
@@ -62,7 +63,6 @@ def test_bad_values_name_the_flag(argv, message):
 
 
 def test_a_jobs_config_json_reruns_it_and_flags_win(tmp_path):
-    from mnist_jax import config as flags
 
     first = parse_args(["--job-dir", str(tmp_path / "a"), "--epochs", "3", "--dropout_one=0.3", "--seed", "9"])
     (tmp_path / "config.json").write_text(json.dumps({**first.to_dict(), "train_file": "data/x.pkl", "runtime": {}}))
@@ -82,7 +82,7 @@ def test_a_jobs_config_json_reruns_it_and_flags_win(tmp_path):
         parse_args(["--config", str(tmp_path / "unknown.yaml")])
     with pytest.raises(ConfigError, match="no such file"):
         parse_args(["--config", str(tmp_path / "missing.json")])
-    assert {f.name for f in flags.FLAGS} >= set(Config().to_dict()) - set(flags.RECORDED_ONLY)
+    assert set(flags.FLAGS) >= set(Config().to_dict()) - set(flags.RECORDED_ONLY)
 
 
 ENTRY_POINTS = [
@@ -131,3 +131,23 @@ def test_json_log_format_writes_one_object_per_line(tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert json.loads(line) == {"severity": "ERROR", "message": f"train file not found: {tmp_path / 'none.pkl'}"}
+
+
+def test_every_group_of_settings_is_derived_from_the_one_declaration_of_each():
+    """Adding a setting is one `Config` field (`config.setting`) plus its use: these groups follow from it."""
+    assert flags.SHARED == ("train_file", "batch_size", "hidden_units", "validation_split")  # lanes share them
+    assert flags.SHAPING == ("hidden_units",)  # a checkpoint records and compares them
+    assert flags.HPARAMS == ("epochs", "batch_size", "learning_rate", "dropout_one", "dropout_two", "seed",
+                             "hidden_units")  # fmt: skip
+    assert flags.LOCATIONS == ("model_dir", "checkpoint_dir", "tensorboard_dir")
+    assert flags.OUTPUT_FLAGS == ("log_format", "verbose")
+    assert flags.RECORDED_ONLY == ("hpt_metric_file", "job_id", "trial_id", "runtime")
+    assert flags.FLAGS == ("config", *(n for n in Config().to_dict() if n not in flags.RECORDED_ONLY))
+    for name, setting in flags.SETTINGS.items():  # every field is declared, with help for every flag
+        assert setting.help or not setting.flag, name
+    assert (flags.flag_name("dropout_one"), flags.field_name("dropout-one"), flags.field_name("dropout_one")) == (
+        "dropout-one",
+        "dropout_one",
+        "dropout_one",
+    )
+    assert (flags.flag_text(0.1 + 0.2), flags.flag_text(3)) == ("0.30000000000000004", "3")
