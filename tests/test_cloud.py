@@ -90,23 +90,12 @@ def test_cluster_spec_parsing():
         parse_args(["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"], {})
 
 
-def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
-    args = ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--dropout-one", "0.3"]
-    port = free_port()
+def _two_processes(command: list[str]) -> tuple[list[int], list[tuple[str, str]]]:
+    """`command` as processes 0 and 1 of a two-process job on 127.0.0.1: their exit statuses and outputs."""
+    cluster = ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
     processes = [
         subprocess.Popen(
-            [
-                *TRAINER,
-                *args,
-                "--job-dir",
-                str(tmp_path / "two"),
-                "--coordinator-address",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
+            [*command, *cluster, str(i)],
             cwd=REPO,
             env=trainer_env(1),
             text=True,
@@ -116,7 +105,13 @@ def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=240) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
+    return [p.returncode for p in processes], outputs
+
+
+def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
+    args = ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--dropout-one", "0.3"]
+    codes, outputs = _two_processes([*TRAINER, *args, "--job-dir", str(tmp_path / "two")])
+    assert codes == [0, 0], outputs
     assert "Training on 2 cpu device(s), 2 process(es)" in outputs[0][0]
     assert "Epoch 1/1" in outputs[0][0] and "Epoch" not in outputs[1][0]  # only process 0 reports
     run_trainer([*args, "--job-dir", str(tmp_path / "one")])
@@ -126,28 +121,15 @@ def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
 
 
 def test_lanes_across_two_processes_refuse_in_one_line(tiny_pickle, tmp_path):
-    port = free_port()
     study = tmp_path / "study.yaml"
     study.write_text(
         "studySpec:\n  metrics: [{metricId: accuracy, goal: MAXIMIZE}]\n"
         "  parameters: [{parameterId: seed, discreteValueSpec: {values: [1, 2]}}]\n"
         "  algorithm: GRID_SEARCH\nmaxTrialCount: 2\n"
     )
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(study), "--job-dir", str(tmp_path / "s")]
-            + ["--vectorize", "2", "--", "--train-file", str(tiny_pickle), "--batch-size", "32"]
-            + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            cwd=REPO,
-            env=trainer_env(1),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=240) for p in processes]
-    assert [p.returncode for p in processes] == [2, 2], outputs
+    tune = [sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(study), "--job-dir", str(tmp_path / "s")]
+    codes, outputs = _two_processes([*tune, "--vectorize", "2", "--", "--train-file", str(tiny_pickle)])
+    assert codes == [2, 2], outputs
     for _, stderr in outputs:
         assert stderr.strip() == (
             "error: --vectorize 2: lanes train in one process; with 2 processes, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_args, trainer_env, wait_for
+from conftest import REPO, run_module, tiny_args, trainer_env, wait_for
 from gcs import free_port
 from pg import PASSWORD, PostgreSQL, can_run
 
@@ -162,14 +162,7 @@ def test_bad_credentials_or_an_unreachable_server_is_one_line(postgres, tiny_pic
         "nobody listening": postgres.url().replace(f":{postgres.port}/", f":{free_port()}/"),
     }[url_of]
     study = _study(tmp_path / "study.yaml", 1)
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_jax.tune", "run", *_run_args(study, tmp_path / "s", url, tiny_pickle)],
-        cwd=REPO,
-        env=trainer_env(1),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_module("tune", ["run", *_run_args(study, tmp_path / "s", url, tiny_pickle)], timeout=120)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot open study storage postgresql+psycopg://tuner:***@127.0.0.1:")
@@ -226,14 +219,8 @@ def test_optuna_dashboard_reads_every_trial_of_a_finished_study(backend, request
     )
     args = ["--config", str(config), "--job-dir", str(job_dir), "--study-name", f"dash-{backend}"]
     args += ["--storage", url] if backend == "postgresql" else []  # sqlite: the default, <job-dir>/study.db
-    result = subprocess.run(
-        [sys.executable, "-m", "mnist_jax.tune", "run", *args, "--vectorize", "4", "--stopping", "halving", "--"]
-        + tiny_args(learnable_pickle, 3),
-        cwd=REPO,
-        env=trainer_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_module(
+        "tune", ["run", *args, "--vectorize", "4", "--stopping", "halving", "--", *tiny_args(learnable_pickle, 3)]
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((job_dir / "study.json").read_text())
