@@ -1,46 +1,17 @@
-"""Shared fixtures: tiny datasets on disk and a runner for real trainer subprocesses."""
+"""Shared fixtures: tiny datasets on disk, emulators, and finished jobs the tests read; helpers are in helpers.py."""
 
 from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import job_args, load_final_state, make_arrays, make_learnable, run_trainer
+
 # gcsfs reads this at import: without it, gcsfs asks the emulator for a gRPC API it lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-
-def make_arrays(n_train: int = 100, n_test: int = 40, seed: int = 0, flat: bool = False):
-    """Random uint8 images with labels 0..9, in the seed's nesting."""
-    rng = np.random.default_rng(seed)
-    shape = (784,) if flat else (28, 28)
-
-    def split(n):
-        return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
-
-    return split(n_train), split(n_test)
-
-
-def make_learnable(n_train: int = 600, n_test: int = 200, seed: int = 0):
-    """Images whose label is the one of ten pixel bands that is brighter: learnt in an epoch at a good
-    learning rate and not at a tiny one, so the rate shows in the accuracy."""
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 128, (n, 784), dtype=np.uint8)
-        for label in range(10):
-            x[y == label, label * 78 : (label + 1) * 78] += 100
-        return x.reshape(n, 28, 28), y
-
-    return split(n_train), split(n_test)
 
 
 @pytest.fixture(scope="session")
@@ -55,93 +26,6 @@ def tiny_pickle(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.pkl"
     path.write_bytes(pickle.dumps(make_arrays()))
     return path
-
-
-def trainer_env(devices: int = 1, env: dict | None = None) -> dict:
-    """The environment of a trainer subprocess with `devices` simulated CPU devices.
-
-    The tuning metric goes to a throwaway file unless `env` says where.
-    """
-    return {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-        "CLOUD_ML_HP_METRIC_FILE": os.devnull,
-        **(env or {}),
-    }
-
-
-TRAINER = [sys.executable, "-m", "mnist_jax.train"]
-
-
-def tiny_args(train_file, epochs: int = 2, batch_size: int = 32) -> list[str]:
-    """Trainer flags for a short run on a tiny dataset."""
-    return ["--train-file", str(train_file), "--epochs", str(epochs), "--batch-size", str(batch_size)]
-
-
-def run_module(
-    module: str,
-    args: list[str],
-    *,
-    devices: int = 1,
-    env: dict | None = None,
-    timeout: float = 300,
-    check: bool = False,
-    stdin: bytes | None = None,
-) -> subprocess.CompletedProcess:
-    """Runs `python -m mnist_jax.<module> ARGS` to completion in a fresh process (text output unless
-    `stdin` is bytes)."""
-    result = subprocess.run(
-        [sys.executable, "-m", f"mnist_jax.{module}", *args],
-        cwd=REPO,
-        env=trainer_env(devices, env),
-        input=stdin,
-        capture_output=True,
-        text=stdin is None,
-        timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def run_trainer(
-    args: list[str], devices: int = 1, env: dict | None = None, timeout: float = 240, check: bool = True
-) -> subprocess.CompletedProcess:
-    """Runs `python -m mnist_jax.train` to completion in a fresh process."""
-    return run_module("train", args, devices=devices, env=env, timeout=timeout, check=check)
-
-
-def start_trainer(args: list[str], env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
-    """Starts `python -m mnist_jax.train` in the background (one device)."""
-    return subprocess.Popen(
-        [*TRAINER, *args], cwd=REPO, env=trainer_env(1, env), stdout=stdout, stderr=subprocess.PIPE, text=True
-    )
-
-
-def load_final_state(job_dir, hidden_units: int = 512):
-    """The newest checkpoint's TrainState in `job_dir` (local or gs://), restored onto this process."""
-    import jax
-
-    from mnist_jax import checkpoint, parallel
-    from mnist_jax.model import MLP
-    from mnist_jax.steps import create_train_state
-
-    ckpt = checkpoint.Checkpointer(checkpoint.manager_path(f"{job_dir}/checkpoints"), keep=3)
-    abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), jax.random.PRNGKey(0), 0.001))
-    state = ckpt.restore_latest(abstract, parallel.replicated(parallel.make_mesh()), {"hidden_units": hidden_units})
-    ckpt.close()
-    return state
-
-
-def assert_states_equal(a, b) -> None:
-    """Bit-for-bit equality of two TrainStates (params, optimizer state, step, epoch, rng)."""
-    import jax
-
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="session")
@@ -170,10 +54,6 @@ def gcs_env(fake_gcs, monkeypatch):
 
 
 # The preemption tests' job: 2000 examples in batches of 32, long enough for a signal to land mid-job.
-EPOCHS = 12
-STEPS_PER_EPOCH = 63
-
-
 @pytest.fixture(scope="session")
 def slow_data(tmp_path_factory) -> Path:
     """Enough data that an epoch takes a while, so a signal lands mid-job."""
@@ -182,37 +62,12 @@ def slow_data(tmp_path_factory) -> Path:
     return path
 
 
-def job_args(train_file, job_dir, epochs=EPOCHS) -> list[str]:
-    return [
-        "--train-file",
-        str(train_file),
-        "--job-dir",
-        str(job_dir),
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "32",
-        "--seed",
-        "5",
-        "--checkpoint-every",
-        "1",
-    ]
-
-
 @pytest.fixture(scope="session")
 def uninterrupted(slow_data, tmp_path_factory):
     """The final state of the job run start to finish without interruption."""
     job_dir = tmp_path_factory.mktemp("uninterrupted")
     run_trainer(job_args(slow_data, job_dir))
     return load_final_state(job_dir)
-
-
-def wait_for(predicate, process, timeout=120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"trainer exited early: {process.communicate()}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")

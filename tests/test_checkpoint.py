@@ -3,7 +3,6 @@ and faults: a full disk, damaged checkpoints, an unwritable job dir."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -11,17 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
-from conftest import (
+from helpers import (
     EPOCHS,
     REPO,
     STEPS_PER_EPOCH,
     assert_states_equal,
     job_args,
     load_final_state,
+    max_difference,
+    read_metrics,
     run_trainer,
     start_trainer,
     trainer_env,
@@ -35,7 +34,7 @@ def committed(job_dir: Path, epoch: int) -> bool:
 
 
 def epochs_logged(job_dir: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in read_metrics(job_dir)]
 
 
 def test_sigkill_twice_then_resume_is_bit_identical(slow_data, uninterrupted, tmp_path):
@@ -120,10 +119,7 @@ def test_checkpoint_from_four_devices_resumes_on_one(tiny_pickle, tmp_path):
     assert "Resuming from epoch 1 (step 4)" in result.stdout
     run_trainer([*args, "--job-dir", str(tmp_path / "single"), "--epochs", "2"], devices=1)
     elastic, single = load_final_state(tmp_path / "elastic"), load_final_state(tmp_path / "single")
-    diff = max(
-        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(elastic.params), jax.tree.leaves(single.params))
-    )
-    assert diff < 1e-5
+    assert max_difference(elastic.params, single.params) < 1e-5
 
 
 def _can_mount_a_tmpfs() -> bool:

@@ -6,16 +6,14 @@ import json
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from mnist_jax.config import parse_args
 from mnist_jax.errors import ConfigError
 from mnist_jax.parallel import COORDINATOR_PORT, Cluster, find_cluster, parse_cluster_spec
 
-from conftest import REPO, TRAINER, load_final_state, run_trainer, tiny_args, trainer_env
 from gcs import free_port
+from helpers import REPO, TRAINER, load_final_state, max_difference, read_metrics, run_trainer, tiny_args, trainer_env
 
 
 def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path):
@@ -39,7 +37,7 @@ def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path)
     config = json.loads((base / "config.json").read_text())
     assert (config["job_id"], config["trial_id"]) == ("job-123", "7")
     assert (config["dropout_one"], config["dropout_two"]) == (0.3, 0.25)
-    records = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(base)
     lines = [json.loads(line) for line in metric_file.read_text().splitlines()]
     assert [line["global_step"] for line in lines] == ["1", "2"]
     for line, record in zip(lines, records):
@@ -116,8 +114,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
     assert "Epoch 1/1" in outputs[0][0] and "Epoch" not in outputs[1][0]  # only process 0 reports
     run_trainer([*args, "--job-dir", str(tmp_path / "one")])
     two, one = load_final_state(tmp_path / "two"), load_final_state(tmp_path / "one")
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)))
-    assert diff < 1e-5
+    assert max_difference(two.params, one.params) < 1e-5
 
 
 def test_lanes_across_two_processes_refuse_in_one_line(tiny_pickle, tmp_path):

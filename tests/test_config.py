@@ -14,7 +14,7 @@ from mnist_jax import config as flags
 from mnist_jax.config import Config, parse_args
 from mnist_jax.errors import ConfigError
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_defaults_are_the_seeds():

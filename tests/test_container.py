@@ -15,7 +15,7 @@ import yaml
 from mnist_jax.config import parse_args
 from mnist_jax.serve import build_parser as build_serve_parser
 
-from conftest import REPO
+from helpers import REPO
 
 SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + [REPO / ".ci" / "run"]
 

@@ -15,7 +15,7 @@ import pytest
 from mnist_jax import data, download
 from mnist_jax.errors import DataError
 
-from conftest import make_arrays
+from helpers import make_arrays
 
 
 def _write(path, payload: bytes):

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import load_final_state, run_module
+from helpers import load_final_state, run_module
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras is imported
 keras = pytest.importorskip("keras", reason="Keras 3 (test extra) is needed to load the exported model")

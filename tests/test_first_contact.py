@@ -17,7 +17,7 @@ from mnist_jax import study
 from mnist_jax.config import parse_args
 from mnist_jax.errors import ConfigError
 
-from conftest import REPO, job_args, run_module, run_trainer, start_trainer, tiny_args, wait_for
+from helpers import REPO, job_args, run_module, run_trainer, start_trainer, tiny_args, wait_for
 
 DROPOUT = {"parameterName": "dropout-one", "type": "DOUBLE", "minValue": 0.1, "maxValue": 0.5}
 VERTEX_DROPOUT = {"parameterId": "dropout-one", "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5}}

@@ -13,7 +13,8 @@ import pytest
 
 from mnist_jax import data, export
 
-from conftest import (
+from gcs import FaultyProxy
+from helpers import (
     EPOCHS,
     STEPS_PER_EPOCH,
     assert_states_equal,
@@ -24,7 +25,6 @@ from conftest import (
     start_trainer,
     wait_for,
 )
-from gcs import FaultyProxy
 
 
 def _upload(path: str, payload: bytes) -> None:
@@ -157,7 +157,7 @@ def test_permission_denied_is_a_one_line_error(fake_gcs, tiny_pickle):
 
 
 def test_a_study_with_a_gcs_job_dir(gcs_env, tiny_pickle, tmp_path):
-    from conftest import REPO, run_module, tiny_args
+    from helpers import REPO, run_module, tiny_args
 
     config = str(REPO / "configs" / "hptuning_config.yaml")
     args = ["run", "--config", config, "--job-dir", "gs://bucket/study", "--max-trials", "2", "--vectorize", "2"]

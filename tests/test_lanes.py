@@ -9,16 +9,25 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
-import numpy as np
-import yaml
 
 from mnist_jax import loop
 from mnist_jax.config import parse_args
 
-from conftest import REPO, assert_states_equal, load_final_state, run_module, tiny_args, trainer_env, wait_for
+from helpers import (
+    REPO,
+    assert_states_equal,
+    load_final_state,
+    max_difference,
+    read_metrics,
+    run_module,
+    start_module,
+    tiny_args,
+    trainer_env,
+    wait_for,
+    write_study,
+)
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -98,14 +107,11 @@ def test_lanes_refill_without_compiling_and_each_trial_equals_its_solo_run(tiny_
     for config, solo in zip(configs, solos):
         lane, alone = load_final_state(config.job_dir), load_final_state(solo.job_dir)
         assert int(lane.step) == int(alone.step) == 4 * config.epochs
-        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(lane), jax.tree.leaves(alone)))
-        assert diff < 1e-5, (config.trial_id, diff)
+        assert max_difference(lane, alone) < 1e-5, config.trial_id
         job_dir = tmp_path / f"lane-{config.trial_id}"
         assert (job_dir / "model.h5").is_file() and (job_dir / "curves.png").is_file()
         assert json.loads((job_dir / "config.json").read_text())["trial_id"] == config.trial_id
-        lane_metrics = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
-        solo_metrics = [json.loads(line) for line in (Path(solo.job_dir) / "metrics.jsonl").read_text().splitlines()]
-        for a, b in zip(lane_metrics, solo_metrics, strict=True):
+        for a, b in zip(read_metrics(job_dir), read_metrics(solo.job_dir), strict=True):
             assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
         hpt = [json.loads(line) for line in (job_dir / "hpt").read_text().splitlines()]
         assert [h["trial"] for h in hpt] == [config.trial_id] * config.epochs
@@ -125,20 +131,11 @@ def test_a_stopped_trial_is_saved_and_frees_its_lane(tiny_pickle, tmp_path):
 
 
 def _grid(path, values):
-    config = {
-        "studySpec": {
-            "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
-            "parameters": [
-                {"parameterId": "learning-rate", "discreteValueSpec": {"values": values}},
-                {"parameterId": "dropout-one", "discreteValueSpec": {"values": [0.1, 0.3]}},
-            ],
-            "algorithm": "GRID_SEARCH",
-        },
-        "maxTrialCount": 2 * len(values),
-        "parallelTrialCount": 1,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    parameters = [
+        {"parameterId": "learning-rate", "discreteValueSpec": {"values": values}},
+        {"parameterId": "dropout-one", "discreteValueSpec": {"values": [0.1, 0.3]}},
+    ]
+    return write_study(path, parameters, algorithm="GRID_SEARCH", maxTrialCount=2 * len(values), parallelTrialCount=1)
 
 
 def _tune(args, devices=1, **kwargs):
@@ -150,17 +147,6 @@ def _tune(args, devices=1, **kwargs):
         text=True,
         timeout=300,
         **kwargs,
-    )
-
-
-def _start_tune(args):
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.tune", "run", *args],
-        cwd=REPO,
-        env=trainer_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
 
@@ -187,10 +173,8 @@ def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
     assert [t["params"] for t in one] == [t["params"] for t in four]
     for t in one:
         a, b = load_final_state(tmp_path / f"d1/trial-{t['id']}"), load_final_state(tmp_path / f"d4/trial-{t['id']}")
-        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
-        assert diff < 1e-5, diff
-        m1 = [json.loads(x) for x in (tmp_path / f"d1/trial-{t['id']}/metrics.jsonl").read_text().splitlines()]
-        m4 = [json.loads(x) for x in (tmp_path / f"d4/trial-{t['id']}/metrics.jsonl").read_text().splitlines()]
+        assert max_difference(a.params, b.params) < 1e-5
+        m1, m4 = (read_metrics(tmp_path / f"d{n}/trial-{t['id']}") for n in (1, 4))
         assert abs(m1[0]["loss"] - m4[0]["loss"]) < 1e-5 and abs(m1[0]["val_loss"] - m4[0]["val_loss"]) < 1e-5
 
 
@@ -202,7 +186,7 @@ def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_dat
         return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "2", "--", *trainer]
 
     assert _tune(args("whole")).returncode == 0
-    process = _start_tune(args("cut"))
+    process = start_module("tune", ["run", *args("cut")])
     first_log = tmp_path / "cut/trial-1/train.log"  # a lane's epoch lines come as it trains
     wait_for(lambda: first_log.exists() and "Epoch 1/" in first_log.read_text(), process)
     process.send_signal(signal.SIGTERM)
@@ -236,7 +220,7 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
         return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "4", "--", *trainer]
 
     assert _tune(args("whole")).returncode == 0
-    process = _start_tune(args("cut"))
+    process = start_module("tune", ["run", *args("cut")])
     groups = tmp_path / "cut" / "lanes"
     wait_for(lambda: groups.is_dir() and any((g / "2").is_dir() for g in groups.iterdir()), process)  # save 2 is in
     process.send_signal(signal.SIGKILL)
@@ -257,8 +241,7 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
         assert_states_equal(
             load_final_state(tmp_path / f"cut/trial-{t['id']}"), load_final_state(tmp_path / f"whole/trial-{t['id']}")
         )
-        metrics = (tmp_path / f"cut/trial-{t['id']}/metrics.jsonl").read_text().splitlines()
-        assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4, 5]
+        assert [r["epoch"] for r in read_metrics(tmp_path / f"cut/trial-{t['id']}")] == [1, 2, 3, 4, 5]
     assert not groups.exists()  # every trial has its own checkpoint now
     # A trial's job dir is a job's: export its checkpoint, or train it on.
     trial = tmp_path / "cut/trial-1"
@@ -271,22 +254,11 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
 def test_successive_halving_stops_trials_that_run_together(learnable_pickle, tmp_path):
     # As many lanes as trials: median stopping, which compares with completed trials, could stop none.
     rates = [2e-3, 1e-5, 1.5e-3, 2e-5, 1e-3, 3e-5]
-    config = tmp_path / "halving.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "studySpec": {
-                    "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
-                    "parameters": [{"parameterId": "learning-rate", "discreteValueSpec": {"values": rates}}],
-                    "algorithm": "GRID_SEARCH",
-                },
-                "maxTrialCount": 6,
-            }
-        )
-    )
+    parameters = [{"parameterId": "learning-rate", "discreteValueSpec": {"values": rates}}]
+    config = write_study(tmp_path / "halving.yaml", parameters, algorithm="GRID_SEARCH", maxTrialCount=6)
     job_dir = tmp_path / "study"
     result = _tune(
-        ["--config", str(config), "--job-dir", str(job_dir), "--vectorize", "6", "--stopping", "halving", "--"]
+        ["--config", config, "--job-dir", str(job_dir), "--vectorize", "6", "--stopping", "halving", "--"]
         + tiny_args(learnable_pickle, 4)
     )
     assert result.returncode == 0, result.stderr

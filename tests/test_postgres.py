@@ -15,10 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO, run_module, tiny_args, trainer_env, wait_for
 from gcs import free_port
+from helpers import REPO, run_module, tiny_args, trainer_env, wait_for, write_study
 from pg import PASSWORD, PostgreSQL, can_run
 
 
@@ -32,28 +31,16 @@ def postgres(tmp_path_factory):
     server.stop()
 
 
+REVERSE_LOG_DROPOUT = {
+    "parameterId": "dropout-one",
+    "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5},
+    "scaleType": "UNIT_REVERSE_LOG_SCALE",
+}
+
+
 def _study(path: Path, trials: int) -> str:
-    config = {
-        "studySpec": {
-            "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
-            "parameters": [
-                {
-                    "parameterId": "learning-rate",
-                    "discreteValueSpec": {"values": [1e-3 * (i + 1) for i in range(trials)]},
-                },
-                {
-                    "parameterId": "dropout-one",
-                    "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5},
-                    "scaleType": "UNIT_REVERSE_LOG_SCALE",
-                },
-            ],
-            "algorithm": "RANDOM_SEARCH",
-        },
-        "maxTrialCount": trials,
-        "parallelTrialCount": 1,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    rates = {"parameterId": "learning-rate", "discreteValueSpec": {"values": [1e-3 * i for i in range(1, trials + 1)]}}
+    return write_study(path, [rates, REVERSE_LOG_DROPOUT], algorithm="RANDOM_SEARCH", maxTrialCount=trials)
 
 
 def _worker(host: str | None, args: list[str], log: Path) -> subprocess.Popen:
@@ -196,28 +183,11 @@ def test_optuna_dashboard_reads_every_trial_of_a_finished_study(backend, request
     pytest.importorskip("optuna_dashboard", reason="optuna-dashboard (the dashboard extra) is not installed")
     job_dir = tmp_path / "study"
     url = request.getfixturevalue("postgres").url() if backend == "postgresql" else f"sqlite:///{job_dir}/study.db"
-    config = tmp_path / "study.yaml"
-    rates = [2e-3, 1e-5, 1.5e-3, 2e-5]
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "studySpec": {
-                    "metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}],
-                    "parameters": [
-                        {"parameterId": "learning-rate", "discreteValueSpec": {"values": rates}},
-                        {
-                            "parameterId": "dropout-one",
-                            "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5},
-                            "scaleType": "UNIT_REVERSE_LOG_SCALE",
-                        },
-                    ],
-                    "algorithm": "RANDOM_SEARCH",
-                },
-                "maxTrialCount": 4,
-            }
-        )
+    rates = {"parameterId": "learning-rate", "discreteValueSpec": {"values": [2e-3, 1e-5, 1.5e-3, 2e-5]}}
+    config = write_study(
+        tmp_path / "study.yaml", [rates, REVERSE_LOG_DROPOUT], algorithm="RANDOM_SEARCH", maxTrialCount=4
     )
-    args = ["--config", str(config), "--job-dir", str(job_dir), "--study-name", f"dash-{backend}"]
+    args = ["--config", config, "--job-dir", str(job_dir), "--study-name", f"dash-{backend}"]
     args += ["--storage", url] if backend == "postgresql" else []  # sqlite: the default, <job-dir>/study.db
     result = run_module(
         "tune", ["run", *args, "--vectorize", "4", "--stopping", "halving", "--", *tiny_args(learnable_pickle, 3)]

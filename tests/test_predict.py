@@ -12,7 +12,7 @@ from PIL import Image
 
 from mnist_jax.predict import load_model
 
-from conftest import run_module
+from helpers import run_module
 
 
 def predict_cli(model, *args, stdin: bytes = b""):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
+
+from helpers import read_metrics
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator",
@@ -15,7 +15,7 @@ event_accumulator = pytest.importorskip(
 
 
 def test_tensorboard_events_hold_the_epoch_metrics(trained_job):
-    records = [json.loads(line) for line in (trained_job / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(trained_job)
     (run,) = (trained_job / "logs").iterdir()  # logs/<timestamp>, as the original trainer's logs_path
     events = event_accumulator.EventAccumulator(str(run))
     events.Reload()

@@ -19,8 +19,8 @@ from PIL import Image
 
 from mnist_jax.predict import load_model
 
-from conftest import REPO
 from gcs import FaultyProxy, free_port
+from helpers import REPO
 
 MAX_INSTANCES = 8
 MAX_BODY = 128_000

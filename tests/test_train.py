@@ -16,7 +16,7 @@ from mnist_jax.data import Dataset, place
 from mnist_jax.model import MLP
 from mnist_jax.steps import Hyperparams, create_train_state, epoch_batches, eval_step, evaluate, train_step
 
-from conftest import load_final_state, run_trainer, start_trainer, tiny_args
+from helpers import load_final_state, read_metrics, run_trainer, start_trainer, tiny_args
 
 
 def _batch(n, seed=0):
@@ -116,7 +116,7 @@ def test_cli_end_to_end(tiny_pickle, tmp_path):
     assert len(lines) == 2 and lines[1].startswith("Epoch 2/2 - ")
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert f" - {key}: " in lines[0]
-    records = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(job_dir)
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert set(record) >= {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s"}
@@ -169,7 +169,7 @@ def test_validation_split_validates_on_held_out_training_examples(tmp_path):
 
     from mnist_jax.predict import load_model
 
-    from conftest import make_arrays
+    from helpers import make_arrays
 
     (x, y), (xt, yt) = make_arrays(n_train=100, n_test=40)
     (tmp_path / "data.pkl").write_bytes(pickle.dumps(((x, y), (xt, yt))))
@@ -179,7 +179,7 @@ def test_validation_split_validates_on_held_out_training_examples(tmp_path):
         "80 train samples\n20 validation samples (the last 0.2 of the training set)\n40 test samples" in result.stdout
     )
     predict = load_model(str(job_dir / "model.h5"))
-    final = json.loads((job_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    final = read_metrics(job_dir)[-1]
     held_out = predict(x[80:].reshape(20, 784).astype(np.float32) / 255).argmax(1)
     assert final["val_accuracy"] == pytest.approx(np.mean(held_out == y[80:]))
     test = predict(xt.reshape(40, 784).astype(np.float32) / 255).argmax(1)

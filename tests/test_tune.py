@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import pickle
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,16 @@ import yaml
 
 from mnist_jax import search, study
 
-from conftest import REPO, make_learnable, run_module, tiny_args, trainer_env, wait_for
+from helpers import (
+    REPO,
+    make_learnable,
+    read_metrics,
+    run_module,
+    start_module,
+    tiny_args,
+    wait_for,
+    write_study,
+)
 
 CONFIGS = REPO / "configs"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -207,7 +214,7 @@ def test_local_study_runs_real_trials_and_names_the_best(tiny_pickle, tmp_path):
             trial["params"]["dropout-two"],
         )
         assert config["trial_id"] == str(trial["id"])
-        final = json.loads((job_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        final = read_metrics(job_dir)[-1]
         assert trial["metric"] == pytest.approx(final["val_accuracy"])
         assert [step for step, _ in trial["measurements"]] == [1, 2]
         assert "Test accuracy: " in (job_dir / "train.log").read_text()  # the trial's whole output
@@ -239,18 +246,8 @@ def test_failed_trials_are_recorded_and_stop_the_study(tiny_pickle, tmp_path):
     assert "--batch-size/--batch_size: expected an integer, got 'thirty-two'" in summary["trials"][0]["error"]
 
 
-def _write_study(path: Path, parameters: list, **spec) -> str:
-    counts = {k: spec.pop(k) for k in ("maxTrialCount", "parallelTrialCount") if k in spec}
-    config = {
-        "studySpec": {"metrics": [{"metricId": "accuracy", "goal": "MAXIMIZE"}], "parameters": parameters, **spec},
-        **counts,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def test_grid_search_runs_each_combination_once(tiny_pickle, tmp_path):
-    config = _write_study(
+    config = write_study(
         tmp_path / "grid.yaml",
         [
             {"parameterId": "dropout-one", "discreteValueSpec": {"values": [0.1, 0.4]}},
@@ -272,7 +269,7 @@ def test_grid_search_runs_each_combination_once(tiny_pickle, tmp_path):
 def test_median_stopping_stops_lagging_trials_in_lanes(learnable_pickle, tmp_path):
     # A grid fixes the order: four good rates complete first, then slow ones lag behind the median.
     rates = [1e-3, 3e-3, 2e-3, 5e-4, 1e-5, 7e-4, 2e-5, 1.5e-3, 1.5e-5, 3e-5, 1.2e-3, 1e-5 * 1.2]
-    config = _write_study(
+    config = write_study(
         tmp_path / "median.yaml",
         [{"parameterId": "learning-rate", "discreteValueSpec": {"values": rates}}],
         algorithm="GRID_SEARCH",
@@ -297,37 +294,28 @@ def test_median_stopping_stops_lagging_trials_in_lanes(learnable_pickle, tmp_pat
 def test_a_stopped_trial_process_saves_through_sigterm(tmp_path):
     train_file = tmp_path / "learnable.pkl"  # epochs long enough for the stop to land mid-trial
     train_file.write_bytes(pickle.dumps(make_learnable(n_train=3000)))
-    config = _write_study(
+    config = write_study(
         tmp_path / "median.yaml",
         [{"parameterId": "learning-rate", "discreteValueSpec": {"values": [1e-3, 2e-3, 3e-3, 1e-5]}}],
         algorithm="GRID_SEARCH",
         medianAutomatedStoppingSpec={},
         maxTrialCount=4,
     )
-    result = _run_study(["--config", config], tmp_path, train_file, "--epochs", "3")
+    # Enough epochs that the stop, asked after trial 4's first, lands while it still trains.
+    result = _run_study(["--config", config], tmp_path, train_file, "--epochs", "8")
     assert result.returncode == 0, result.stderr
     trials = _summary(tmp_path / "study")["trials"]
     assert [t["status"] for t in trials] == ["SUCCEEDED"] * 3 + ["STOPPED"]
     stopped = trials[-1]
     log = (tmp_path / "study" / "trial-4" / "train.log").read_text()
     assert "preempted: SIGTERM: saved epoch" in log  # it finished its epoch in flight and saved it
-    assert 1 <= len(stopped["measurements"]) < 3 and not (tmp_path / "study" / "trial-4" / "model.h5").exists()
+    assert 1 <= len(stopped["measurements"]) < 8 and not (tmp_path / "study" / "trial-4" / "model.h5").exists()
 
 
 def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tiny_pickle, tmp_path):
     args = ["--config", str(CONFIGS / "hptuning_config.yaml"), "--max-trials", "4", "--parallel-trials", "1"]
-    command = [
-        sys.executable,
-        "-m",
-        "mnist_jax.tune",
-        "run",
-        "--job-dir",
-        str(tmp_path / "study"),
-        *args,
-        "--",
-        *tiny_args(tiny_pickle),
-    ]
-    driver = subprocess.Popen(command, cwd=REPO, env=trainer_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = ["run", "--job-dir", str(tmp_path / "study"), *args, "--", *tiny_args(tiny_pickle)]
+    driver = start_module("tune", command)
     summary_path = tmp_path / "study" / "study.json"
 
     def one_finished_and_the_next_started():
@@ -341,7 +329,7 @@ def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tin
     driver.wait(timeout=30)
     finished = [t for t in json.loads(summary_path.read_text())["trials"] if t["status"] == "SUCCEEDED"]
     kept = {t["id"]: (Path(t["job_dir"]) / "model.h5").stat().st_mtime_ns for t in finished}
-    again = subprocess.run(command, cwd=REPO, env=trainer_env(1), capture_output=True, text=True, timeout=300)
+    again = run_module("tune", command)
     assert again.returncode == 0, again.stderr
     trials = _summary(tmp_path / "study")["trials"]
     assert sorted(t["id"] for t in trials) == [1, 2, 3, 4] and {t["status"] for t in trials} == {"SUCCEEDED"}
@@ -353,30 +341,9 @@ def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tin
 
 def test_two_workers_share_one_study(tiny_pickle, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    command = [
-        sys.executable,
-        "-m",
-        "mnist_jax.tune",
-        "run",
-        "--config",
-        str(CONFIGS / "hptuning_config.yaml"),
-        "--job-dir",
-        str(tmp_path / "study"),
-        "--storage",
-        storage,
-        "--max-trials",
-        "4",
-        "--parallel-trials",
-        "1",
-        "--",
-        *tiny_args(tiny_pickle, epochs=1),
-    ]
-    workers = [
-        subprocess.Popen(
-            command, cwd=REPO, env=trainer_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
+    command = ["run", "--config", str(CONFIGS / "hptuning_config.yaml"), "--job-dir", str(tmp_path / "study")]
+    command += ["--storage", storage, "--max-trials", "4", "--parallel-trials", "1", "--", *tiny_args(tiny_pickle, 1)]
+    workers = [start_module("tune", command) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     trials = _summary(tmp_path / "study")["trials"]
