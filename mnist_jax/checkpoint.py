@@ -116,6 +116,11 @@ class Checkpointer:
         step = int(jax.device_get(state.step)) if step is None else step
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
+            self._manager.reload()
+            if step in self._manager.all_steps():
+                # Committed by a process killed as this one restored (it saw none then): the same step of the
+                # same command, so the same state; this save replaces it.
+                self._manager.delete(step)
             self._manager.save(step, args=args, force=True)
             self._manager.wait_until_finished()
         except Exception as e:  # any failure of Orbax's writer: named, not re-raised raw
