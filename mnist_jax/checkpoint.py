@@ -279,13 +279,12 @@ class LaneGroup:
                 group.close()
         return jax.tree.map(lambda a: a[entry["lane"]], self._restored[key])
 
-    def remove(self, directories: list[str]) -> None:
-        """Deletes group directories whose every trial has since saved its own checkpoint."""
+    def remove(self) -> None:
+        """Deletes this group's directory, once every trial it held has saved its own checkpoint."""
         self._restored.clear()
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
-        for directory in directories:
-            fs, path = storage.filesystem(directory)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+        fs, path = storage.filesystem(self.directory)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

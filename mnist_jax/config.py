@@ -249,6 +249,11 @@ OUTPUT_FLAGS = names("output")
 RECORDED_ONLY = (*(name for name, each in SETTINGS.items() if not each.flag), "runtime")  # runtime: config.json's
 
 
+def _declared(name: str) -> Setting:
+    """A flag's declaration: --config's own, or its setting's."""
+    return CONFIG_FLAG if name == "config" else SETTINGS[name]
+
+
 def flag_name(name: str) -> str:
     """A setting's flag spelling: `dropout_one` -> `dropout-one`."""
     return name.replace("_", "-")
@@ -296,7 +301,7 @@ def add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     """Declares the named `FLAGS` on `parser`, each in its dashed and underscored spelling."""
     defaults = Config()
     for name in names:
-        flag = CONFIG_FLAG if name == "config" else SETTINGS[name]
+        flag = _declared(name)
         dashed = "--" + flag_name(name)
         spellings = [dashed] if dashed == "--" + name else [dashed, "--" + name]
         if flag.parse is None:
@@ -317,7 +322,7 @@ def did_you_mean(name: str, known: Any) -> str:
 def check_tunable(parameters: Sequence[str], where: str) -> None:
     """Each of `parameters` (a study's) is a trainer flag a trial can be given; else a ConfigError that
     names the nearest one."""
-    tunable = [flag_name(name) for name in FLAGS if not (CONFIG_FLAG if name == "config" else SETTINGS[name]).resolved]
+    tunable = [flag_name(name) for name in FLAGS if not _declared(name).resolved]
     for name in parameters:
         if flag_name(field_name(name)) not in tunable:
             raise ConfigError(f"{where}: parameter {name} is not a trainer flag{did_you_mean(name, tunable)}")

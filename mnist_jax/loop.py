@@ -420,7 +420,7 @@ class Loop:
                         lane.close()
             self.writer.close()
         if self.group is not None and not failed:
-            self.group.remove([self.group.directory])
+            self.group.remove()
 
 
 def train_lanes(base: Config, source: TrialSource, lanes: int) -> None:

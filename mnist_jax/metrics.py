@@ -18,6 +18,7 @@ by tensorboardX, and cloudml-hypertune rewrites its metric file in place.
 from __future__ import annotations
 
 import datetime
+import functools
 import io
 import json
 import os
@@ -176,13 +177,13 @@ class CurvesFigure:
         return buffer.getvalue()
 
 
-_CURVES: list[CurvesFigure] = []
+@functools.cache
+def _curves() -> CurvesFigure:
+    return CurvesFigure()  # built at the first drawing: matplotlib loads only then
 
 
 def curves_png(records: list[dict[str, Any]]) -> bytes:
-    if not _CURVES:
-        _CURVES.append(CurvesFigure())
-    return _CURVES[0].png(records)
+    return _curves().png(records)
 
 
 class Reporter:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -163,7 +162,3 @@ def study_figure(summary: dict[str, Any]) -> Any:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs and trials
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.25)
     return figure
-
-
-def json_text(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2) + "\n"

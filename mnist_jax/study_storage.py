@@ -175,6 +175,10 @@ def _write_ahead(store: optuna.storages.RDBStorage) -> None:
     store.engine.dispose()  # connections opened before the listener get replaced
 
 
+def _find(trials: list[FrozenTrial], trial_id: int) -> FrozenTrial | None:
+    return next((t for t in trials if t._trial_id == trial_id), None)
+
+
 class View:
     """A study as Optuna's pruners read it, over a snapshot: `get_trials` and `direction` from memory; what
     a pruner writes (successive halving's rungs) lands in the snapshot and in `writes`, to store later."""
@@ -188,9 +192,9 @@ class View:
         return [t for t in self.trials if states is None or t.state in states]
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        for t in self.trials:
-            if t._trial_id == trial_id:
-                t.system_attrs[key] = value
+        viewed = _find(self.trials, trial_id)
+        if viewed is not None:
+            viewed.system_attrs[key] = value
         self.writes.append((trial_id, key, value))
 
 
@@ -285,29 +289,24 @@ class StudyStore:
     def end(self, trial_id: int, state: TrialState) -> None:
         """Marks one of this worker's trials finished in its view, before (or after) the storage hears it."""
         self.ended[trial_id] = state
-        for t in self.trials:
-            if t._trial_id == trial_id:
-                t.state = state
+        viewed = _find(self.trials, trial_id)
+        if viewed is not None:
+            viewed.state = state
 
     def record(self, trial_id: int, epoch: int, value: float) -> bool:
         """Adds a measurement of one of this worker's trials to its view; False if the epoch was measured
         before (a resumed trial repeats the epochs after its checkpoint: the first measurement counts)."""
-        known = self.mine.setdefault(trial_id, {})
-        for t in self.trials:
-            if t._trial_id == trial_id:
-                known = {**t.intermediate_values, **known}
-        if epoch in known:
+        mine, viewed = self.mine.setdefault(trial_id, {}), _find(self.trials, trial_id)
+        if epoch in mine or (viewed is not None and epoch in viewed.intermediate_values):
             return False
-        self.mine[trial_id][epoch] = value
-        for t in self.trials:
-            if t._trial_id == trial_id:
-                t.intermediate_values[epoch] = value
+        mine[epoch] = value
+        if viewed is not None:
+            viewed.intermediate_values[epoch] = value
         return True
 
     def should_stop(self, view: View, trial_id: int) -> bool:
         """The study's stopping rule, Optuna's pruner, on the view."""
-        (trial,) = (t for t in view.trials if t._trial_id == trial_id)
-        return self.pruner.prune(view, trial)  # type: ignore[arg-type]
+        return self.pruner.prune(view, _find(view.trials, trial_id))  # type: ignore[arg-type]
 
     # --- slots ------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -67,7 +68,7 @@ class Driver:
     def __init__(
         self,
         spec: Study,
-        job_dir: str,
+        base: flags.Config,
         storage_url: str,
         name: str,
         seed: int,
@@ -75,11 +76,10 @@ class Driver:
         extra: Sequence[str],
         **timing: float,
     ) -> None:
-        self.spec, self.job_dir, self.extra, self.seed = spec, job_dir.rstrip("/"), list(extra), seed
+        self.spec, self.base, self.job_dir, self.extra, self.seed = spec, base, base.job_dir, list(extra), seed
         self.storage_url, self.name = storage_url, name
         self.rule = search.stopping(spec, stopping)
-        self.base = flags.parse_args([*self.extra, "--job-dir", self.job_dir])  # bad trainer flags fail here
-        self.scratch = None if storage.is_local(job_dir) else tempfile.mkdtemp(prefix="mnist-jax-tune-")
+        self.scratch = None if storage.is_local(self.job_dir) else tempfile.mkdtemp(prefix="mnist-jax-tune-")
         self.store = StudyStore(spec, storage_url, name, seed, stopping, **timing)
         self.running: dict[int, optuna.Trial] = {}
         self.params: dict[int, dict[str, Any]] = {}  # trial number -> the parameters drawn for it
@@ -231,7 +231,7 @@ class Driver:
         return study_record.summary(self.spec, self.store.study.get_trials(deepcopy=False), header)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        text = study_record.json_text(summary)
+        text = json.dumps(summary, indent=2) + "\n"
         storage.write_bytes_atomic(storage.join(self.job_dir, "study.json"), text.encode())
         self.summarised = time.monotonic()
 
@@ -331,16 +331,16 @@ def open_driver(args: Any, extra: Sequence[str]) -> Driver:
         raise ConfigError("--stale-after and --storage-patience must be > 0 seconds")
     spec = dataclasses.replace(spec, **overrides)
     flags.check_tunable([p.name for p in spec.parameters], args.config)
-    reported = flags.parse_args([*extra, "--job-dir", args.job_dir]).hpt_metric_tag  # bad trainer flags fail here
-    if spec.metric != reported:
+    base = flags.parse_args([*extra, "--job-dir", args.job_dir.rstrip("/")])  # bad trainer flags fail here
+    if spec.metric != base.hpt_metric_tag:
         raise ConfigError(
             f"{args.config}: the study's metric is '{spec.metric}', but the trainer reports its validation accuracy "
-            f"as '{reported}'; use that metric id, or pass --hpt-metric-tag {spec.metric} after --"
+            f"as '{base.hpt_metric_tag}'; use that metric id, or pass --hpt-metric-tag {spec.metric} after --"
         )
     name = args.study_name or Path(args.job_dir.rstrip("/")).name or "study"
     url = args.storage or default_storage(args.job_dir)
     timing = {"stale_after_s": args.stale_after, "patience_s": args.storage_patience}
-    driver = Driver(spec, args.job_dir, url, name, args.seed, args.stopping, extra, **timing)
+    driver = Driver(spec, base, url, name, args.seed, args.stopping, extra, **timing)
     logger.info(
         f"study {name}: {spec.max_trials} trials, {search.describe(spec)}"
         + (f", {driver.rule} stopping" if driver.rule != "none" else "")

@@ -1,8 +1,9 @@
 """The ordered background writer: every file and storage write of a training loop, off its critical path.
 
-Modelled on CLU's `AsyncWriter`: one thread per process runs the submitted
-writes in the order they were submitted, while the device trains the next
-epoch. A write that fails is not lost in the thread: `check` (called at every
+Modelled on CLU's `AsyncWriter`: one thread per training loop runs the
+submitted writes in the order they were submitted, while the device trains the
+next epoch; drawings (`curves.png`) run on a second thread, as nothing waits
+for them. A write that fails is not lost in the thread: `check` (called at every
 epoch end) and `flush` re-raise the first failure on the caller's thread, so a
 full disk or an unwritable job dir still stops the job within an epoch with its
 one-line error. After a failure the writes queued behind it are skipped: they
