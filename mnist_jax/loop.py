@@ -43,6 +43,8 @@ from mnist_jax.model import MLP, count_params
 from mnist_jax.preemption import Preempted, PreemptionGuard
 from mnist_jax.study import Status
 
+CONFIG_FILE = "config.json"  # in each job dir: every resolved setting
+
 
 class Outcome(NamedTuple):
     """How a trial left its lane."""
@@ -96,7 +98,7 @@ def write_config(config: Config, train_file: str, lanes: int) -> None:
             "lanes": lanes,
         },
     }
-    storage.write_bytes_atomic(storage.join(config.job_dir, "config.json"), json.dumps(record, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(config.job_dir, CONFIG_FILE), json.dumps(record, indent=2).encode())
 
 
 @dataclasses.dataclass
@@ -167,7 +169,7 @@ class Loop:
         if lanes > 1:
             name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
             self.group = checkpoint.LaneGroup(base.job_dir, name)
-        self.copies = self.group.find() if self.group is not None else {}
+        self.copies = self.group.find() if self.group is not None else {}  # read again in `group_copy`
         if lanes == 1:
             self.say(metrics.model_summary(self.abstract.params, (base.dropout_one, base.dropout_two)))
         parameters = count_params(self.abstract.params)
@@ -212,10 +214,20 @@ class Loop:
             except BaseException:
                 own.close()
                 raise
-        copy = self.copies.get(directory)
+        copy = self.group_copy(config, directory)
         if copy is not None and copy["epoch"] > (int(state.epoch) if state is not None else 0):
             state = self.group.restore_lane(copy, self.abstract, parallel.replicated(self.mesh))  # type: ignore[union-attr]
         return state, own
+
+    def group_copy(self, config: Config, directory: str) -> dict[str, Any] | None:
+        """A lane group's newest copy of the trial, if any. The groups are read again for a trial that ran before
+        (it has a config.json) and that the last read missed: a trial taken over from a killed worker was saved
+        by that worker's group after this loop began."""
+        if self.group is None:
+            return None
+        if directory not in self.copies and storage.exists(storage.join(config.job_dir, CONFIG_FILE)):
+            self.copies = self.group.find()
+        return self.copies.get(directory)
 
     def start(self, k: int, config: Config) -> Lane | None:
         """Puts `config`'s trial in lane k: restored from its checkpoint, or fresh from its seed."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import job_args, load_final_state, make_arrays, make_learnable, run_trainer
+from helpers import job_args, load_final_state, make_arrays, make_learnable, train_here
 
 # gcsfs reads this at import: without it, gcsfs asks the emulator for a gRPC API it lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -66,7 +66,7 @@ def slow_data(tmp_path_factory) -> Path:
 def uninterrupted(slow_data, tmp_path_factory):
     """The final state of the job run start to finish without interruption."""
     job_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_trainer(job_args(slow_data, job_dir))
+    train_here(job_args(slow_data, job_dir))
     return load_final_state(job_dir)
 
 
@@ -77,7 +77,7 @@ def trained_job(tmp_path_factory) -> Path:
     train_file = root / "tiny.pkl"
     train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
     job_dir = root / "job"
-    run_trainer(
+    train_here(
         [
             "--train-file",
             str(train_file),

@@ -1,8 +1,11 @@
-"""Test helpers, imported by the tests (not through conftest): datasets, trainer and tune subprocesses, checkpoint
-states, tree differences, metrics.jsonl and study configs."""
+"""Test helpers, imported by the tests (not through conftest): datasets, entry points run in this process or in
+subprocesses, checkpoint states, tree differences, metrics.jsonl and study configs."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -95,6 +98,54 @@ def run_trainer(
 ) -> subprocess.CompletedProcess:
     """Runs `python -m mnist_jax.train` to completion in a fresh process."""
     return run_module("train", args, devices=devices, env=env, timeout=timeout, check=check)
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_here(
+    module: str, args: list[str], env: dict | None = None, check: bool = False, stdin: bytes | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m mnist_jax.<module> ARGS` run by the module's `main` in this process (one device), with the exit
+    status and output a process gives (bytes when `stdin` is): for tests where a process would add only its
+    start-up (imports, compiles).
+
+    The tuning metric goes to a throwaway file unless `env` says where.
+    """
+    main = importlib.import_module(f"mnist_jax.{module}").main
+    out, err = io.StringIO(), io.StringIO()
+    saved_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    try:
+        with _environment({"CLOUD_ML_HP_METRIC_FILE": os.devnull, **(env or {})}):
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    status = main(list(args))
+                except SystemExit as e:  # --help, and argparse's usage errors
+                    status = e.code if isinstance(e.code, int) else 2
+    finally:
+        sys.stdin = saved_stdin
+    stdout, stderr = out.getvalue(), err.getvalue()
+    if stdin is not None:
+        stdout, stderr = stdout.encode(), stderr.encode()
+    result = subprocess.CompletedProcess([module, *args], status, stdout, stderr)
+    if check and status != 0:
+        raise AssertionError(f"{module} failed ({status}):\n{stdout}\n{stderr}")
+    return result
+
+
+def train_here(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m mnist_jax.train ARGS` in this process (`run_here`)."""
+    return run_here("train", args, env=env, check=check)
 
 
 def start_trainer(args: list[str], env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:

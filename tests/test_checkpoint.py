@@ -23,6 +23,7 @@ from helpers import (
     read_metrics,
     run_trainer,
     start_trainer,
+    train_here,
     trainer_env,
     wait_for,
 )
@@ -46,7 +47,7 @@ def test_sigkill_twice_then_resume_is_bit_identical(slow_data, uninterrupted, tm
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
         assert epochs_logged(job_dir)[-1] < EPOCHS
-    result = run_trainer(job_args(slow_data, job_dir))
+    result = train_here(job_args(slow_data, job_dir))
     assert "Resuming from epoch " in result.stdout
     assert epochs_logged(job_dir) == list(range(1, EPOCHS + 1))  # nothing lost, nothing twice
     assert_states_equal(load_final_state(job_dir), uninterrupted)
@@ -62,28 +63,28 @@ def test_sigterm_saves_and_exits_then_resumes(slow_data, uninterrupted, tmp_path
     assert "preempted: SIGTERM: saved epoch " in stderr and "Traceback" not in stderr
     saved_epoch = int(stderr.split("saved epoch ")[1].split()[0])
     assert saved_epoch < EPOCHS and committed(job_dir, saved_epoch)
-    result = run_trainer(job_args(slow_data, job_dir))
+    result = train_here(job_args(slow_data, job_dir))
     assert f"Resuming from epoch {saved_epoch} (step {saved_epoch * STEPS_PER_EPOCH})" in result.stdout
     assert_states_equal(load_final_state(job_dir), uninterrupted)
 
 
 def test_more_epochs_trains_only_the_extra_ones(tiny_pickle, tmp_path):
     args = ["--train-file", str(tiny_pickle), "--job-dir", str(tmp_path), "--batch-size", "32"]
-    run_trainer([*args, "--epochs", "1"])
-    result = run_trainer([*args, "--epochs", "3"])
+    train_here([*args, "--epochs", "1"])
+    result = train_here([*args, "--epochs", "3"])
     assert "Resuming from epoch 1 (step 4)" in result.stdout
     assert [line.split(" - ")[0] for line in result.stdout.splitlines() if line.startswith("Epoch")] == [
         "Epoch 2/3",
         "Epoch 3/3",
     ]
     assert epochs_logged(tmp_path) == [1, 2, 3]
-    again = run_trainer([*args, "--epochs", "3"])  # finished: reports, trains nothing
+    again = train_here([*args, "--epochs", "3"])  # finished: reports, trains nothing
     assert "Epoch " not in again.stdout.replace("Resuming from epoch", "")
     assert "Test accuracy: " in again.stdout and epochs_logged(tmp_path) == [1, 2, 3]
 
 
 def test_keep_checkpoints(tiny_pickle, tmp_path):
-    run_trainer(
+    train_here(
         [
             "--train-file",
             str(tiny_pickle),
@@ -105,8 +106,8 @@ def test_keep_checkpoints(tiny_pickle, tmp_path):
 
 def test_changed_model_width_is_a_clear_error(tiny_pickle, tmp_path):
     args = ["--train-file", str(tiny_pickle), "--job-dir", str(tmp_path), "--batch-size", "32", "--epochs", "2"]
-    run_trainer([*args, "--hidden-units", "64"])
-    result = run_trainer(args, check=False)
+    train_here([*args, "--hidden-units", "64"])
+    result = train_here(args, check=False)
     assert result.returncode == 2
     assert "hidden_units 64 in the checkpoint vs 512 now" in result.stderr
     assert "Traceback" not in result.stderr
@@ -115,9 +116,9 @@ def test_changed_model_width_is_a_clear_error(tiny_pickle, tmp_path):
 def test_checkpoint_from_four_devices_resumes_on_one(tiny_pickle, tmp_path):
     args = ["--train-file", str(tiny_pickle), "--batch-size", "32"]
     run_trainer([*args, "--job-dir", str(tmp_path / "elastic"), "--epochs", "1"], devices=4)
-    result = run_trainer([*args, "--job-dir", str(tmp_path / "elastic"), "--epochs", "2"], devices=1)
+    result = train_here([*args, "--job-dir", str(tmp_path / "elastic"), "--epochs", "2"])
     assert "Resuming from epoch 1 (step 4)" in result.stdout
-    run_trainer([*args, "--job-dir", str(tmp_path / "single"), "--epochs", "2"], devices=1)
+    train_here([*args, "--job-dir", str(tmp_path / "single"), "--epochs", "2"])
     elastic, single = load_final_state(tmp_path / "elastic"), load_final_state(tmp_path / "single")
     assert max_difference(elastic.params, single.params) < 1e-5
 
@@ -155,7 +156,7 @@ def test_full_disk_stops_within_an_epoch_and_resumes_once_there_is_room(slow_dat
     # The failed save of epoch 2 (on the background writer) stopped the job at the end of epoch 3 at the latest.
     assert epochs_logged(copied) in ([1, 2], [1, 2, 3])
     assert not (copied / "model.h5").exists()
-    result = run_trainer(job_args(slow_data, copied))
+    result = train_here(job_args(slow_data, copied))
     assert f"Resuming from epoch 1 (step {STEPS_PER_EPOCH})" in result.stdout
     assert_states_equal(load_final_state(copied), uninterrupted)
 
@@ -171,9 +172,9 @@ def _damage(job_dir: Path, step: int, part: str) -> None:
 @pytest.mark.parametrize("part", ["data", "meta"])
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(part, slow_data, uninterrupted, tmp_path):
     job_dir = tmp_path / "job"
-    run_trainer(job_args(slow_data, job_dir, epochs=3))
+    train_here(job_args(slow_data, job_dir, epochs=3))
     _damage(job_dir, 3 * STEPS_PER_EPOCH, part)
-    result = run_trainer(job_args(slow_data, job_dir))
+    result = train_here(job_args(slow_data, job_dir))
     warnings = result.stderr.strip().splitlines()
     assert warnings[0].startswith(
         f"warning: checkpoint step {3 * STEPS_PER_EPOCH} in {job_dir}/checkpoints is unreadable ("
@@ -188,9 +189,9 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(part, slow
 
 def test_no_readable_checkpoint_is_a_one_line_error(tiny_pickle, tmp_path):
     args = ["--train-file", str(tiny_pickle), "--job-dir", str(tmp_path), "--batch-size", "32", "--epochs", "1"]
-    run_trainer(args)
+    train_here(args)
     _damage(tmp_path, 4, "meta")
-    result = run_trainer([*args[:-1], "2"], check=False)
+    result = train_here([*args[:-1], "2"], check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: no readable checkpoint in {tmp_path}/checkpoints (steps [4] are damaged); move it away to start afresh"
@@ -198,6 +199,6 @@ def test_no_readable_checkpoint_is_a_one_line_error(tiny_pickle, tmp_path):
 
 
 def test_an_unwritable_job_dir_is_a_one_line_error(tiny_pickle):
-    result = run_trainer(["--train-file", str(tiny_pickle), "--job-dir", "/proc/nope"], check=False)
+    result = train_here(["--train-file", str(tiny_pickle), "--job-dir", "/proc/nope"], check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: cannot write /proc/nope/config.json: No such file or directory"

@@ -13,7 +13,16 @@ from mnist_jax.errors import ConfigError
 from mnist_jax.parallel import COORDINATOR_PORT, Cluster, find_cluster, parse_cluster_spec
 
 from gcs import free_port
-from helpers import REPO, TRAINER, load_final_state, max_difference, read_metrics, run_trainer, tiny_args, trainer_env
+from helpers import (
+    REPO,
+    TRAINER,
+    load_final_state,
+    max_difference,
+    read_metrics,
+    tiny_args,
+    train_here,
+    trainer_env,
+)
 
 
 def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path):
@@ -27,7 +36,7 @@ def test_vertex_run_puts_each_output_where_vertex_expects(tiny_pickle, tmp_path)
         "CLOUD_ML_TRIAL_ID": "7",
         "CLOUD_ML_HP_METRIC_FILE": str(metric_file),
     }
-    result = run_trainer([*tiny_args(tiny_pickle), "--dropout-one=0.3", "--dropout_two=0.25"], env=env)
+    result = train_here([*tiny_args(tiny_pickle), "--dropout-one=0.3", "--dropout_two=0.25"], env=env)
     assert "Vertex AI job job-123, trial 7" in result.stdout
     assert (base / "model" / "model.h5").is_file()
     assert any(p.name.isdigit() for p in (base / "checkpoints").iterdir())
@@ -112,7 +121,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_pickle, tmp_path):
     assert codes == [0, 0], outputs
     assert "Training on 2 cpu device(s), 2 process(es)" in outputs[0][0]
     assert "Epoch 1/1" in outputs[0][0] and "Epoch" not in outputs[1][0]  # only process 0 reports
-    run_trainer([*args, "--job-dir", str(tmp_path / "one")])
+    train_here([*args, "--job-dir", str(tmp_path / "one")])
     two, one = load_final_state(tmp_path / "two"), load_final_state(tmp_path / "one")
     assert max_difference(two.params, one.params) < 1e-5
 

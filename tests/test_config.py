@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from mnist_jax import config as flags
 from mnist_jax.config import Config, parse_args
 from mnist_jax.errors import ConfigError
 
-from helpers import REPO
+from helpers import run_here, train_here
 
 
 def test_defaults_are_the_seeds():
@@ -97,9 +95,7 @@ ENTRY_POINTS = [
 
 @pytest.mark.parametrize("module, command", ENTRY_POINTS, ids=lambda v: str(v))
 def test_help_lists_every_flag_with_its_default(module, command):
-    result = subprocess.run(
-        [sys.executable, "-m", f"mnist_jax.{module}", *command, "--help"], capture_output=True, text=True, cwd=REPO
-    )
+    result = run_here(module, [*command, "--help"])
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     options = [o for o in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text) if o != "--help"]
@@ -112,21 +108,8 @@ def test_help_lists_every_flag_with_its_default(module, command):
 
 
 def test_json_log_format_writes_one_object_per_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mnist_jax.train",
-            "--log-format",
-            "json",
-            "--train-file",
-            str(tmp_path / "none.pkl"),
-            "--job-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = train_here(
+        ["--log-format", "json", "--train-file", str(tmp_path / "none.pkl"), "--job-dir", str(tmp_path)], check=False
     )
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import load_final_state, run_module
+from helpers import load_final_state, run_here
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras is imported
 keras = pytest.importorskip("keras", reason="Keras 3 (test extra) is needed to load the exported model")
@@ -101,7 +101,7 @@ def test_reads_a_model_saved_by_keras_3(tmp_path):
 
 def test_export_cli_from_checkpoints(trained_job, tmp_path):
     def export_cli(*args):
-        return run_module("export", ["--checkpoint", str(trained_job / "checkpoints"), *args])
+        return run_here("export", ["--checkpoint", str(trained_job / "checkpoints"), *args])
 
     result = export_cli("--out", str(tmp_path / "latest.h5"))
     assert result.returncode == 0, result.stderr

@@ -17,7 +17,7 @@ from mnist_jax import study
 from mnist_jax.config import parse_args
 from mnist_jax.errors import ConfigError
 
-from helpers import REPO, job_args, run_module, run_trainer, start_trainer, tiny_args, wait_for
+from helpers import REPO, job_args, run_here, start_trainer, tiny_args, train_here, wait_for
 
 DROPOUT = {"parameterName": "dropout-one", "type": "DOUBLE", "minValue": 0.1, "maxValue": 0.5}
 VERTEX_DROPOUT = {"parameterId": "dropout-one", "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5}}
@@ -91,7 +91,7 @@ def test_a_study_that_cannot_work_stops_before_any_trial(change, message, mode, 
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({"trainingInput": {"hyperparameters": {"params": [DROPOUT], **change}}}))
     job_dir = tmp_path / "study"
-    result = run_module("tune", ["run", "--config", str(path), "--job-dir", str(job_dir), *mode, "--"]
+    result = run_here("tune", ["run", "--config", str(path), "--job-dir", str(job_dir), *mode, "--"]
                         + tiny_args(tiny_pickle))  # fmt: skip
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
@@ -101,9 +101,9 @@ def test_a_study_that_cannot_work_stops_before_any_trial(change, message, mode, 
 
 def test_fewer_epochs_than_the_job_dir_holds_is_an_error_that_changes_nothing(tiny_pickle, tmp_path):
     args = [*tiny_args(tiny_pickle, epochs=2), "--job-dir", str(tmp_path / "job")]
-    run_trainer(args)
+    train_here(args)
     before = {p: p.read_bytes() for p in (tmp_path / "job").rglob("*") if p.is_file()}
-    result = run_trainer([*args, "--epochs", "1"], check=False)
+    result = train_here([*args, "--epochs", "1"], check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: {tmp_path / 'job'} holds a job trained for 2 epochs, more than --epochs 1; "
@@ -111,7 +111,7 @@ def test_fewer_epochs_than_the_job_dir_holds_is_an_error_that_changes_nothing(ti
     )
     after = {p: p.read_bytes() for p in (tmp_path / "job").rglob("*") if p.is_file()}
     assert after == before  # no config.json, model.h5 or TensorBoard run rewritten
-    again = run_trainer(args)  # the same epochs: nothing to train, the model re-exported
+    again = train_here(args)  # the same epochs: nothing to train, the model re-exported
     assert "Resuming from epoch 2" in again.stdout and "Epoch 1/" not in again.stdout
 
 
@@ -125,7 +125,7 @@ def test_ctrl_c_saves_the_epoch_in_flight_and_exits_130_in_one_line(slow_data, t
     (line,) = stderr.strip().splitlines()
     assert line.startswith("warning: interrupted: Ctrl-C: saved epoch ") and "rerun the same command" in line
     saved = int(line.split("saved epoch ")[1].split()[0])
-    result = run_trainer(job_args(slow_data, job_dir, epochs=saved + 1))
+    result = train_here(job_args(slow_data, job_dir, epochs=saved + 1))
     assert f"Resuming from epoch {saved} " in result.stdout
 
 

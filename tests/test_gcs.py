@@ -23,6 +23,7 @@ from helpers import (
     make_arrays,
     run_trainer,
     start_trainer,
+    train_here,
     wait_for,
 )
 
@@ -57,7 +58,7 @@ def test_reads_plain_and_gzip_pickles_from_gcs(gcs_env):
 def test_train_on_gcs_then_resume_with_more_epochs(gcs_env):
     _upload("bucket/e2e/mnist.pkl.gz", gzip.compress(pickle.dumps(make_arrays())))
     args = ["--train-file", "gs://bucket/e2e/mnist.pkl.gz", "--job-dir", "gs://bucket/e2e/job", "--batch-size", "32"]
-    run_trainer([*args, "--epochs", "2"], env=gcs_env)
+    train_here([*args, "--epochs", "2"])
     objects = _objects("bucket/e2e/job")
     assert {
         "bucket/e2e/job/config.json",
@@ -73,7 +74,7 @@ def test_train_on_gcs_then_resume_with_more_epochs(gcs_env):
     params, rates = export.read_model("gs://bucket/e2e/job/model.h5")
     assert rates == (0.2, 0.2) and params["dense"]["kernel"].shape == (784, 512)
 
-    result = run_trainer([*args, "--epochs", "3"], env=gcs_env)
+    result = train_here([*args, "--epochs", "3"])
     assert "Resuming from epoch 2 (step 8)" in result.stdout
     records = [json.loads(line) for line in fs.cat_file("bucket/e2e/job/metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -88,7 +89,7 @@ def test_sigkill_with_gcs_job_dir_resumes_bit_identical(gcs_env, slow_data, unin
     wait_for(lambda: _exists_uncached(marker), process)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
-    result = run_trainer(job_args(slow_data, job_dir), env=gcs_env)
+    result = train_here(job_args(slow_data, job_dir))
     assert "Resuming from epoch " in result.stdout
     records = fs.cat_file("bucket/killed/job/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["epoch"] for line in records] == list(range(1, EPOCHS + 1))
@@ -125,12 +126,7 @@ def test_transient_faults_are_retried(gcs_env, fake_gcs):
 
 
 def test_missing_bucket_is_a_one_line_error(gcs_env, tiny_pickle):
-    result = run_trainer(
-        ["--train-file", str(tiny_pickle), "--job-dir", "gs://no-such-bucket/job"],
-        env=gcs_env,
-        check=False,
-        timeout=120,
-    )
+    result = train_here(["--train-file", str(tiny_pickle), "--job-dir", "gs://no-such-bucket/job"], check=False)
     assert result.returncode == 2
     assert (
         result.stderr.strip().splitlines()[-1]
@@ -157,14 +153,14 @@ def test_permission_denied_is_a_one_line_error(fake_gcs, tiny_pickle):
 
 
 def test_a_study_with_a_gcs_job_dir(gcs_env, tiny_pickle, tmp_path):
-    from helpers import REPO, run_module, tiny_args
+    from helpers import REPO, run_here, tiny_args
 
     config = str(REPO / "configs" / "hptuning_config.yaml")
     args = ["run", "--config", config, "--job-dir", "gs://bucket/study", "--max-trials", "2", "--vectorize", "2"]
-    needs_storage = run_module("tune", args, env=gcs_env)
+    needs_storage = run_here("tune", args)
     assert needs_storage.returncode == 2 and "a gs:// job dir needs --storage" in needs_storage.stderr
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    result = run_module("tune", [*args, "--storage", storage, "--", *tiny_args(tiny_pickle)], env=gcs_env)
+    result = run_here("tune", [*args, "--storage", storage, "--", *tiny_args(tiny_pickle)])
     assert result.returncode == 0, result.stderr
     fs = fsspec.filesystem("gs")
     summary = json.loads(fs.cat_file("bucket/study/study.json"))

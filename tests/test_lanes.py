@@ -7,8 +7,6 @@ import collections
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import jax
 
@@ -16,15 +14,15 @@ from mnist_jax import loop
 from mnist_jax.config import parse_args
 
 from helpers import (
-    REPO,
     assert_states_equal,
     load_final_state,
     max_difference,
     read_metrics,
+    run_here,
     run_module,
     start_module,
     tiny_args,
-    trainer_env,
+    train_here,
     wait_for,
     write_study,
 )
@@ -88,6 +86,8 @@ def test_lanes_refill_without_compiling_and_each_trial_equals_its_solo_run(tiny_
         if event == BACKEND_COMPILE:
             compiles.append(event)
 
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # real compiles, not hits of the disk cache
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
         configs = _configs(tmp_path, tiny_pickle, "lane")
@@ -95,6 +95,7 @@ def test_lanes_refill_without_compiling_and_each_trial_equals_its_solo_run(tiny_
         loop.train_lanes(configs[0], source, lanes=2)
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
+        jax.config.update("jax_enable_compilation_cache", cached)
     # Every program was compiled by the time the first trial left its lane; four trials came after.
     assert len(compiles) == after_first_trial[0] > 0
     assert {k: o.status for k, o in source.outcomes.items()} == {str(i): "SUCCEEDED" for i in range(len(TRIALS))}
@@ -138,34 +139,17 @@ def _grid(path, values):
     return write_study(path, parameters, algorithm="GRID_SEARCH", maxTrialCount=2 * len(values), parallelTrialCount=1)
 
 
-def _tune(args, devices=1, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_jax.tune", "run", *args],
-        cwd=REPO,
-        env=trainer_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
+def _tune(args):
+    """`tune run ARGS` in this process: its lanes train here."""
+    return run_here("tune", ["run", *args])
 
 
 def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
     study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])
     for devices in (1, 4):
-        result = _tune(
-            [
-                "--config",
-                study,
-                "--job-dir",
-                str(tmp_path / f"d{devices}"),
-                "--vectorize",
-                "2",
-                "--",
-                *tiny_args(tiny_pickle, 1),
-            ],
-            devices=devices,
-        )
+        args = ["run", "--config", study, "--job-dir", str(tmp_path / f"d{devices}"), "--vectorize", "2", "--"]
+        args += tiny_args(tiny_pickle, 1)
+        result = run_here("tune", args) if devices == 1 else run_module("tune", args, devices=devices)
         assert result.returncode == 0, result.stderr
         assert f"Training on {devices} cpu device(s), 1 process(es), 2 lanes" in result.stdout
     one = json.loads((tmp_path / "d1/study.json").read_text())["trials"]
@@ -245,9 +229,9 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
     assert not groups.exists()  # every trial has its own checkpoint now
     # A trial's job dir is a job's: export its checkpoint, or train it on.
     trial = tmp_path / "cut/trial-1"
-    exported = run_module("export", ["--checkpoint", str(trial / "checkpoints"), "--out", str(tmp_path / "t1.h5")])
+    exported = run_here("export", ["--checkpoint", str(trial / "checkpoints"), "--out", str(tmp_path / "t1.h5")])
     assert exported.returncode == 0, exported.stderr
-    more = run_module("train", ["--config", str(trial / "config.json"), "--epochs", "6"])
+    more = train_here(["--config", str(trial / "config.json"), "--epochs", "6"], check=False)
     assert more.returncode == 0 and "Resuming from epoch 5 " in more.stdout, more.stderr
 
 

@@ -12,11 +12,12 @@ from PIL import Image
 
 from mnist_jax.predict import load_model
 
-from helpers import run_module
+from helpers import run_here, run_module
 
 
 def predict_cli(model, *args, stdin: bytes = b""):
-    return run_module("predict", ["--model", str(model), *args], stdin=stdin)
+    """`python -m mnist_jax.predict --model MODEL ARGS` in this process, bytes in and out."""
+    return run_here("predict", ["--model", str(model), *args], stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def test_png(trained_job, pixels, expected, tmp_path):
 
 def test_instances_json_on_stdin_and_file_with_output(trained_job, pixels, expected, tmp_path):
     body = {"instances": [pixels[0].tolist(), pixels[1].reshape(784).tolist(), (pixels[2].reshape(784) / 255).tolist()]}
-    result = predict_cli(trained_job / "model.h5", stdin=json.dumps(body).encode())
+    # A real process, its request piped to stdin.
+    result = run_module("predict", ["--model", str(trained_job / "model.h5")], stdin=json.dumps(body).encode())
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(_probabilities(result.stdout), expected[:3], atol=1e-6)
     (tmp_path / "request.json").write_text(json.dumps(body))

@@ -16,7 +16,7 @@ from mnist_jax.data import Dataset, place
 from mnist_jax.model import MLP
 from mnist_jax.steps import Hyperparams, create_train_state, epoch_batches, eval_step, evaluate, train_step
 
-from helpers import load_final_state, read_metrics, run_trainer, start_trainer, tiny_args
+from helpers import load_final_state, read_metrics, run_trainer, start_trainer, tiny_args, train_here
 
 
 def _batch(n, seed=0):
@@ -85,7 +85,7 @@ def test_train_step_is_pure_and_uses_dropout():
 def test_same_params_on_one_and_four_devices(tiny_pickle, tmp_path):
     # 100 examples, batch 32: four steps, the last one padded, dropout on.
     args = ["--train-file", str(tiny_pickle), "--epochs", "1", "--batch-size", "32", "--dropout-one", "0.3"]
-    run_trainer([*args, "--job-dir", str(tmp_path / "one")], devices=1)
+    train_here([*args, "--job-dir", str(tmp_path / "one")])
     four = run_trainer([*args, "--job-dir", str(tmp_path / "four")], devices=4)
     assert "Training on 4 cpu device(s)" in four.stdout
     one_state, four_state = load_final_state(tmp_path / "one"), load_final_state(tmp_path / "four")
@@ -136,7 +136,7 @@ def test_cli_end_to_end(tiny_pickle, tmp_path):
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path):
-    result = run_trainer([*args, "--job-dir", str(tmp_path)], check=False)
+    result = train_here([*args, "--job-dir", str(tmp_path)], check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == message
 
@@ -174,7 +174,7 @@ def test_validation_split_validates_on_held_out_training_examples(tmp_path):
     (x, y), (xt, yt) = make_arrays(n_train=100, n_test=40)
     (tmp_path / "data.pkl").write_bytes(pickle.dumps(((x, y), (xt, yt))))
     job_dir = tmp_path / "job"
-    result = run_trainer([*tiny_args(tmp_path / "data.pkl"), "--validation-split", "0.2", "--job-dir", str(job_dir)])
+    result = train_here([*tiny_args(tmp_path / "data.pkl"), "--validation-split", "0.2", "--job-dir", str(job_dir)])
     assert (
         "80 train samples\n20 validation samples (the last 0.2 of the training set)\n40 test samples" in result.stdout
     )

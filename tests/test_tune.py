@@ -19,7 +19,7 @@ from helpers import (
     REPO,
     make_learnable,
     read_metrics,
-    run_module,
+    run_here,
     start_module,
     tiny_args,
     wait_for,
@@ -83,7 +83,7 @@ def test_convert_handles_every_type_scale_algorithm_and_stopping(tmp_path):
     )
     path = tmp_path / "legacy.yaml"
     path.write_text(yaml.safe_dump(legacy))
-    result = run_module("tune", ["convert", str(path)], check=True)
+    result = run_here("tune", ["convert", str(path)], check=True)
     vertex = yaml.safe_load(result.stdout)
     spec = vertex["studySpec"]
     assert spec["metrics"] == [{"metricId": "loss", "goal": "MINIMIZE"}]
@@ -126,7 +126,7 @@ def test_what_a_local_study_cannot_do_is_one_line(change, message, tmp_path):
         }
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
-    result = run_module("tune", ["run", "--config", str(tmp_path / "study.yaml"), "--job-dir", str(tmp_path / "s")])
+    result = run_here("tune", ["run", "--config", str(tmp_path / "study.yaml"), "--job-dir", str(tmp_path / "s")])
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line
@@ -185,7 +185,8 @@ def test_bayesian_search_beats_random_search_on_a_cheap_objective():
 
 
 def _run_study(args, tmp_path, train_file, *trainer):
-    return run_module(
+    """A study whose driver runs in this process: its trials are processes, or lanes in this process too."""
+    return run_here(
         "tune", ["run", "--job-dir", str(tmp_path / "study"), *args, "--", *tiny_args(train_file), *trainer]
     )
 
@@ -329,7 +330,7 @@ def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tin
     driver.wait(timeout=30)
     finished = [t for t in json.loads(summary_path.read_text())["trials"] if t["status"] == "SUCCEEDED"]
     kept = {t["id"]: (Path(t["job_dir"]) / "model.h5").stat().st_mtime_ns for t in finished}
-    again = run_module("tune", command)
+    again = run_here("tune", command)
     assert again.returncode == 0, again.stderr
     trials = _summary(tmp_path / "study")["trials"]
     assert sorted(t["id"] for t in trials) == [1, 2, 3, 4]
@@ -343,7 +344,7 @@ def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tin
 def test_two_workers_share_one_study(tiny_pickle, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     command = ["run", "--config", str(CONFIGS / "hptuning_config.yaml"), "--job-dir", str(tmp_path / "study")]
-    command += ["--storage", storage, "--max-trials", "4", "--parallel-trials", "1", "--", *tiny_args(tiny_pickle, 1)]
+    command += ["--storage", storage, "--max-trials", "4", "--vectorize", "2", "--", *tiny_args(tiny_pickle, 1)]
     workers = [start_module("tune", command) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
