@@ -96,6 +96,7 @@ def test_sigkill_with_gcs_job_dir_resumes_bit_identical(gcs_env, slow_data, unin
     assert_states_equal(load_final_state(job_dir), uninterrupted)
 
 
+@pytest.mark.slow
 def test_transient_faults_are_retried(gcs_env, fake_gcs):
     _upload("bucket/faults/mnist.pkl.gz", gzip.compress(pickle.dumps(make_arrays())))
     proxy = FaultyProxy(fake_gcs.port, plan=("503", "reset", "503"))

@@ -9,6 +9,7 @@ import re
 import signal
 
 import jax
+import pytest
 
 from mnist_jax import loop
 from mnist_jax.config import parse_args
@@ -162,6 +163,7 @@ def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
         assert abs(m1[0]["loss"] - m4[0]["loss"]) < 1e-5 and abs(m1[0]["val_loss"] - m4[0]["val_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_data, tmp_path):
     study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])
     trainer = [*tiny_args(slow_data, 4), "--seed", "5", "--checkpoint-every", "3"]
@@ -196,6 +198,7 @@ def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_dat
         )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_data, tmp_path):
     study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])  # 4 trials in 4 lanes: one group
     trainer = [*tiny_args(slow_data, 5), "--seed", "5", "--checkpoint-every", "1"]

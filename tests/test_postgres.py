@@ -63,6 +63,7 @@ def _ids_started(*logs: Path) -> list[int]:
     return [int(m) for log in logs for m in re.findall(r"trial (\d+): starting", log.read_text())]
 
 
+@pytest.mark.slow
 def test_two_hosts_share_a_study_through_a_server_restart(postgres, slow_data, tmp_path):
     study = _study(tmp_path / "study.yaml", 6)
     url = postgres.url()
@@ -87,6 +88,7 @@ def test_two_hosts_share_a_study_through_a_server_restart(postgres, slow_data, t
     assert "Traceback" not in "".join(log.read_text() for log in logs)
 
 
+@pytest.mark.slow
 def test_a_killed_hosts_trial_is_taken_over_after_stale_after_and_resumed(postgres, slow_data, tmp_path):
     study = _study(tmp_path / "study.yaml", 4)
     args = _run_args(
@@ -115,6 +117,7 @@ def test_a_killed_hosts_trial_is_taken_over_after_stale_after_and_resumed(postgr
         assert record["worker"].startswith("host-b:") and [e for e, _ in record["measurements"]] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_a_server_that_stays_down_ends_the_worker_in_one_line_and_the_same_command_resumes(
     postgres, slow_data, tmp_path
 ):

@@ -195,6 +195,7 @@ def _summary(path: Path) -> dict:
     return json.loads((path / "study.json").read_text())
 
 
+@pytest.mark.slow
 def test_local_study_runs_real_trials_and_names_the_best(tiny_pickle, tmp_path):
     result = _run_study(
         ["--config", str(CONFIGS / "hptuning_config.yaml"), "--max-trials", "3", "--seed", "1"], tmp_path, tiny_pickle
@@ -292,6 +293,7 @@ def test_median_stopping_stops_lagging_trials_in_lanes(learnable_pickle, tmp_pat
     assert "(stopping)" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_stopped_trial_process_saves_through_sigterm(tmp_path):
     train_file = tmp_path / "learnable.pkl"  # epochs long enough for the stop to land mid-trial
     train_file.write_bytes(pickle.dumps(make_learnable(n_train=3000)))
@@ -313,6 +315,7 @@ def test_a_stopped_trial_process_saves_through_sigterm(tmp_path):
     assert 1 <= len(stopped["measurements"]) < 8 and not (tmp_path / "study" / "trial-4" / "model.h5").exists()
 
 
+@pytest.mark.slow
 def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tiny_pickle, tmp_path):
     args = ["--config", str(CONFIGS / "hptuning_config.yaml"), "--max-trials", "4", "--parallel-trials", "1"]
     command = ["run", "--job-dir", str(tmp_path / "study"), *args, "--", *tiny_args(tiny_pickle)]
@@ -341,6 +344,7 @@ def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tin
         assert f"trial {id_}: " not in again.stdout
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tiny_pickle, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     command = ["run", "--config", str(CONFIGS / "hptuning_config.yaml"), "--job-dir", str(tmp_path / "study")]
