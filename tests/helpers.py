@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import yaml
@@ -100,17 +101,6 @@ def run_trainer(
     return run_module("train", args, devices=devices, env=env, timeout=timeout, check=check)
 
 
-@contextlib.contextmanager
-def _environment(env: dict):
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def run_here(
     module: str, args: list[str], env: dict | None = None, check: bool = False, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess:
@@ -126,7 +116,7 @@ def run_here(
     if stdin is not None:
         sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
     try:
-        with _environment({"CLOUD_ML_HP_METRIC_FILE": os.devnull, **(env or {})}):
+        with mock.patch.dict(os.environ, {"CLOUD_ML_HP_METRIC_FILE": os.devnull, **(env or {})}):
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:
                     status = main(list(args))
