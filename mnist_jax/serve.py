@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -60,6 +61,16 @@ from mnist_jax.predict import images_from_instances, load_model, predictions
 Forward = Callable[[np.ndarray], np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request and one forward pass may hold (the server's flags)."""
+
+    max_batch: int
+    batch_timeout_ms: float
+    max_instances: int
+    max_body_bytes: int
+
+
 def bucket_sizes(largest: int) -> list[int]:
     """Powers of two up to the first one >= `largest`: the only batch shapes ever compiled."""
     sizes = [1]
@@ -71,11 +82,11 @@ def bucket_sizes(largest: int) -> list[int]:
 class Batcher:
     """Gathers concurrent requests into padded batches for one forward pass each."""
 
-    def __init__(self, forward: Forward, max_batch: int, timeout_s: float, largest_request: int) -> None:
+    def __init__(self, forward: Forward, limits: Limits) -> None:
         self.forward = forward
-        self.max_batch = max_batch
-        self.timeout_s = timeout_s
-        self.buckets = bucket_sizes(max(max_batch, largest_request))
+        self.max_batch = limits.max_batch
+        self.timeout_s = limits.batch_timeout_ms / 1000
+        self.buckets = bucket_sizes(max(limits.max_batch, limits.max_instances))
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self._held: tuple[np.ndarray, asyncio.Future] | None = None  # didn't fit the last batch
         self.arriving = 0  # requests received but not yet queued (being read and parsed)
@@ -150,83 +161,93 @@ def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return _json({"error": message.replace("\n", " ")}, status)
+class Refused(Exception):
+    """A client's mistake, answered with `status` and a one-line JSON error before the request is batched."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> Response:
+        return _json({"error": str(self).replace("\n", " ")}, self.status)
 
 
-def create_app(
-    model_path: str,
-    *,
-    max_batch: int,
-    batch_timeout_ms: float,
-    max_instances: int,
-    max_body_bytes: int,
-    health_route: str,
-    predict_route: str,
-    address: str = "",
-) -> Starlette:
-    """The Starlette app; the model loads (and compiles) in the background after start-up."""
-    state: dict[str, Batcher] = {}
-    ready = threading.Event()
+async def read_images(request: Request, limits: Limits) -> np.ndarray:
+    """A request's images, read within `limits.max_body_bytes` and checked; a client's mistake raises `Refused`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise Refused(413, f"request body over {limits.max_body_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise Refused(413, f"request body over {limits.max_body_bytes} bytes")
+    try:
+        images = images_from_instances(orjson.loads(body))
+    except orjson.JSONDecodeError as e:
+        raise Refused(400, f"malformed JSON: {e}") from None
+    except (DataError, RecursionError) as e:
+        raise Refused(400, str(e)) from None
+    if len(images) > limits.max_instances:
+        raise Refused(400, f"{len(images)} instances in one request; the limit is {limits.max_instances}")
+    return images
 
-    def load() -> None:
-        logger.info(f"loading {model_path}")
-        batcher = Batcher(load_model(model_path), max_batch, batch_timeout_ms / 1000, max_instances)
+
+class Service:
+    """The model behind the routes: loaded and compiled in the background after start-up, then fed to one
+    `Batcher`; health says 503 until then. A model that cannot be loaded stops the server (`load_error`)."""
+
+    def __init__(self, model_path: str, limits: Limits, where: str) -> None:
+        self.model_path, self.limits, self.where = model_path, limits, where
+        self.batcher: Batcher | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        logger.info(f"loading {self.model_path}")
+        batcher = Batcher(load_model(self.model_path), self.limits)
         batcher.warm_up()
         # What exists now (JAX, the model, the libraries) lives as long as the server: frozen, the cyclic
         # collector stops walking it, so a full collection no longer pauses requests (README, Serving).
         gc.collect()
         gc.freeze()
-        state["batcher"] = batcher
-        ready.set()
+        self.batcher = batcher
+        self.ready.set()
         logger.info(
-            f"ready: serving {model_path} on {address}: GET {health_route}, POST {predict_route} "
-            f"(batches of up to {max_batch} images, compiled)"
+            f"ready: serving {self.model_path} on {self.where} "
+            f"(batches of up to {self.limits.max_batch} images, compiled)"
         )
 
-    async def health(request: Request) -> Response:
-        if not ready.is_set():
+    async def health(self, request: Request) -> Response:
+        if not self.ready.is_set():
             return _json({"status": "loading"}, 503)
         return _json({"status": "ok"})
 
-    async def predict(request: Request) -> Response:
-        if not ready.is_set():
-            return _error(503, "model is not loaded yet")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
-        batcher = state["batcher"]
-        batcher.arriving += 1
+    async def predict(self, request: Request) -> Response:
+        if not self.ready.is_set():
+            return Refused(503, "model is not loaded yet").response()
+        batcher = self.batcher
+        batcher.arriving += 1  # a batch may wait for this request while it is read
         try:
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body_bytes:
-                    return _error(413, f"request body over {max_body_bytes} bytes")
-            images = images_from_instances(orjson.loads(body))
-        except orjson.JSONDecodeError as e:
-            return _error(400, f"malformed JSON: {e}")
-        except (DataError, RecursionError) as e:
-            return _error(400, str(e))
+            images = await read_images(request, self.limits)
+        except Refused as refused:
+            return refused.response()
         finally:
             batcher.arriving -= 1
-        if len(images) > max_instances:
-            return _error(400, f"{len(images)} instances in one request; the limit is {max_instances}")
         return _json(predictions(await batcher.predict(images)))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async def load_then_serve() -> None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, load)
-            except MnistJaxError as e:  # nothing to serve: say why and shut down
-                app.state.load_error = str(e)
-                app.state.server.should_exit = True
-                return
-            await state["batcher"].run()
+    async def load_then_serve(self, app: Starlette) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.load)
+        except MnistJaxError as e:  # nothing to serve: say why and shut down
+            self.load_error = str(e)
+            app.state.server.should_exit = True
+            return
+        await self.batcher.run()
 
-        app.state.load_error = None
-        task = asyncio.create_task(load_then_serve())
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.load_then_serve(app))
         try:
             yield
         finally:  # after uvicorn has drained the requests in flight
@@ -234,12 +255,18 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if "batcher" in state:
-                state["batcher"].close()
+            if self.batcher is not None:
+                self.batcher.close()
 
+
+def create_app(service: Service, health_route: str, predict_route: str) -> Starlette:
+    """The Starlette app of `service` on the two Vertex routes; set `app.state.server` before it starts."""
     return Starlette(
-        routes=[Route(health_route, health, methods=["GET"]), Route(predict_route, predict, methods=["POST"])],
-        lifespan=lifespan,
+        routes=[
+            Route(health_route, service.health, methods=["GET"]),
+            Route(predict_route, service.predict, methods=["POST"]),
+        ],
+        lifespan=service.lifespan,
     )
 
 
@@ -298,24 +325,20 @@ def serve(args: argparse.Namespace) -> None:
         raise MnistJaxError(f"the server needs the serve extra: pip install 'mnist-jax[serve]' ({SERVE_EXTRA_MISSING})")
     if not args.model:
         raise MnistJaxError("no model: pass --model or set AIP_STORAGE_URI")
-    app = create_app(
-        args.model,
-        max_batch=args.max_batch,
-        batch_timeout_ms=args.batch_timeout_ms,
-        max_instances=args.max_instances,
-        max_body_bytes=args.max_body_bytes,
-        health_route=os.environ.get("AIP_HEALTH_ROUTE", "/health"),
-        predict_route=os.environ.get("AIP_PREDICT_ROUTE", "/predict"),
-        address=f"http://{args.host}:{args.port}",
-    )
+    health_route = os.environ.get("AIP_HEALTH_ROUTE", "/health")
+    predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
+    limits = Limits(args.max_batch, args.batch_timeout_ms, args.max_instances, args.max_body_bytes)
+    where = f"http://{args.host}:{args.port}: GET {health_route}, POST {predict_route}"
+    service = Service(args.model, limits, where)
+    app = create_app(service, health_route, predict_route)
     asgi = AccessLog(app) if args.access_log else app
     server = uvicorn.Server(
         uvicorn.Config(asgi, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     )
     app.state.server = server
     server.run()
-    if app.state.load_error:
-        raise MnistJaxError(f"cannot load the model: {app.state.load_error}")
+    if service.load_error:
+        raise MnistJaxError(f"cannot load the model: {service.load_error}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
