@@ -49,12 +49,16 @@ DEFAULT_HPT_METRIC_FILE = "/tmp/hypertune/output.metrics"  # cloudml-hypertune's
 LANE_GROUPS_DIR = "lanes"  # under a study's job dir: each run of lanes saves its group there
 
 
+def _number(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        value = _number(text, "an integer")  # Vertex passes integer parameters as 256.0
         if not value.is_integer():
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
         if value < low:
@@ -68,10 +72,7 @@ def _float_in(low: float, high: float, *, low_open: bool, high_open: bool) -> Ca
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        value = _number(text, "a number")
         too_low = value <= low if low_open else value < low
         too_high = value >= high if high_open else value > high
         if not math.isfinite(value) or too_low or too_high:

@@ -35,39 +35,29 @@ LAYER_NAMES = ("dense", "dropout", "dense_1", "dropout_1", "dense_2")
 INPUT_DIM = 784
 
 
+def _layer_config(class_name: str, name: str, **config: Any) -> dict[str, Any]:
+    return {"class_name": class_name, "config": {"name": name, "trainable": True, "dtype": "float32", **config}}
+
+
 def _dense_config(name: str, units: int, activation: str) -> dict[str, Any]:
-    return {
-        "class_name": "Dense",
-        "config": {
-            "name": name,
-            "trainable": True,
-            "dtype": "float32",
-            "units": units,
-            "activation": activation,
-            "use_bias": True,
-            "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": None}},
-            "bias_initializer": {"class_name": "Zeros", "config": {}},
-            "kernel_regularizer": None,
-            "bias_regularizer": None,
-            "activity_regularizer": None,
-            "kernel_constraint": None,
-            "bias_constraint": None,
-        },
-    }
+    return _layer_config(
+        "Dense",
+        name,
+        units=units,
+        activation=activation,
+        use_bias=True,
+        kernel_initializer={"class_name": "GlorotUniform", "config": {"seed": None}},
+        bias_initializer={"class_name": "Zeros", "config": {}},
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+    )
 
 
 def _dropout_config(name: str, rate: float) -> dict[str, Any]:
-    return {
-        "class_name": "Dropout",
-        "config": {
-            "name": name,
-            "trainable": True,
-            "dtype": "float32",
-            "rate": rate,
-            "noise_shape": None,
-            "seed": None,
-        },
-    }
+    return _layer_config("Dropout", name, rate=rate, noise_shape=None, seed=None)
 
 
 def model_config(hidden_units: int, dropout_rates: tuple[float, float]) -> dict[str, Any]:

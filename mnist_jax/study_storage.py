@@ -211,10 +211,11 @@ class StudyStore:
         stale_after_s: float = STALE_AFTER_S,
         patience_s: float = PATIENCE_S,
     ) -> None:
-        self.spec, self.storage_url, self.name = spec, storage_url, name
+        self.spec, self.storage_url, self.name, self.seed = spec, storage_url, name, seed
         self.stale_after_s, self.patience_s = stale_after_s, patience_s
         self.me = Worker.me()
-        self.pruner = search.pruner(spec, stopping)
+        self.rule = search.stopping(spec, stopping)  # in search.STOPPING's words
+        self.pruner = search.pruner(spec, self.rule)
         self.study, self.storage = self._open(seed)
         self.study_id = self.storage.get_study_id_from_name(name)
         self.trials: list[FrozenTrial] = []  # the snapshot

@@ -48,7 +48,7 @@ from mnist_jax import cli, log, search, storage, study_record, tune_lanes, tune_
 from mnist_jax import config as flags
 from mnist_jax.errors import ConfigError, MnistJaxError
 from mnist_jax.log import logger
-from mnist_jax.study import Status, Study, load_study, to_vertex
+from mnist_jax.study import Status, load_study, to_vertex
 from mnist_jax.study_storage import BEATS_PER_STALE, PATIENCE_S, STALE_AFTER_S, StorageDown, StudyStore, View, redact
 
 SUMMARY_S = 5.0  # study.json is rewritten at most this often while trials end (and always at the end)
@@ -65,22 +65,10 @@ class Writes(NamedTuple):
 class Driver:
     """One worker's trials: takes slots, decides stops from one snapshot, writes reports, tells results."""
 
-    def __init__(
-        self,
-        spec: Study,
-        base: flags.Config,
-        storage_url: str,
-        name: str,
-        seed: int,
-        stopping: str,
-        extra: Sequence[str],
-        **timing: float,
-    ) -> None:
-        self.spec, self.base, self.job_dir, self.extra, self.seed = spec, base, base.job_dir, list(extra), seed
-        self.storage_url, self.name = storage_url, name
-        self.rule = search.stopping(spec, stopping)
+    def __init__(self, store: StudyStore, base: flags.Config, extra: Sequence[str]) -> None:
+        self.store, self.spec, self.rule = store, store.spec, store.rule
+        self.base, self.job_dir, self.extra = base, base.job_dir, list(extra)
         self.scratch = None if storage.is_local(self.job_dir) else tempfile.mkdtemp(prefix="mnist-jax-tune-")
-        self.store = StudyStore(spec, storage_url, name, seed, stopping, **timing)
         self.running: dict[int, optuna.Trial] = {}
         self.params: dict[int, dict[str, Any]] = {}  # trial number -> the parameters drawn for it
         self.started, self.epochs_trained = time.monotonic(), 0
@@ -220,13 +208,13 @@ class Driver:
     def summary(self) -> dict[str, Any]:
         """study.json's content, from one read of the storage (every worker's trials)."""
         header = {
-            "name": self.name,
-            "storage": redact(self.storage_url),
+            "name": self.store.name,
+            "storage": redact(self.store.storage_url),
             "algorithm": self.spec.algorithm,
             "search": search.describe(self.spec),
             "early_stopping": self.rule,
             "stopping_rule": search.describe_stopping(self.rule),
-            "seed": self.seed,
+            "seed": self.store.seed,
         }
         return study_record.summary(self.spec, self.store.study.get_trials(deepcopy=False), header)
 
@@ -339,8 +327,8 @@ def open_driver(args: Any, extra: Sequence[str]) -> Driver:
         )
     name = args.study_name or Path(args.job_dir.rstrip("/")).name or "study"
     url = args.storage or default_storage(args.job_dir)
-    timing = {"stale_after_s": args.stale_after, "patience_s": args.storage_patience}
-    driver = Driver(spec, base, url, name, args.seed, args.stopping, extra, **timing)
+    store = StudyStore(spec, url, name, args.seed, args.stopping, args.stale_after, args.storage_patience)
+    driver = Driver(store, base, extra)
     logger.info(
         f"study {name}: {spec.max_trials} trials, {search.describe(spec)}"
         + (f", {driver.rule} stopping" if driver.rule != "none" else "")

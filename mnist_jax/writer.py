@@ -30,14 +30,15 @@ class Writer:
 
     def submit(self, write: Callable[[], object]) -> None:
         self.check()
-        future = self._pool.submit(self._run, write)
-        with self._lock:
-            self._pending.append(future)
+        self._queue(self._pool, write)
 
     def draw(self, drawing: Callable[[], object]) -> None:
         """Runs `drawing` on the drawing thread, in order with other drawings; nothing waits for it but `flush`
         (any thread may call it: the writer hands its trials' final curves over)."""
-        future = self._drawer.submit(self._run, drawing)
+        self._queue(self._drawer, drawing)
+
+    def _queue(self, thread: ThreadPoolExecutor, write: Callable[[], object]) -> None:
+        future = thread.submit(self._run, write)
         with self._lock:
             self._pending.append(future)
 
