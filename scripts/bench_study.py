@@ -17,18 +17,14 @@ TensorBoard, the study's storage) beyond what one trial costs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import yaml
+from bench_tune import study_parser, timed_study
 
 
 def random_mnist(n_train: int, n_test: int) -> tuple:
@@ -61,14 +57,7 @@ def study_config(trials: int) -> dict:
 
 
 def run(root: Path, name: str, trials: int, lanes: int, trainer: list[str], env: dict) -> tuple[float, dict]:
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(study_config(trials)))
-    command = [
-        sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(root / f"{name}.yaml"),
-        "--job-dir", str(root / name), "--seed", "0", "--vectorize", str(lanes), "--", *trainer,
-    ]  # fmt: skip
-    started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started, json.loads((root / name / "study.json").read_text())
+    return timed_study(root, name, study_config(trials), ["--vectorize", str(lanes)], trainer, env)
 
 
 def group_epochs_s(root: Path, summary: dict) -> float:
@@ -82,10 +71,7 @@ def group_epochs_s(root: Path, summary: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lanes", type=int, default=64)
+    parser = study_parser(__doc__.splitlines()[0], trials=64, epochs=20, lanes=64)
     parser.add_argument("--hidden-units", type=int, default=16)
     parser.add_argument("--examples", type=int, default=384)
     parser.add_argument("--keep", default=None, help="keep the studies in this directory")

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -51,24 +52,38 @@ def study_config(trials: int, lanes: int, stopping: bool) -> dict:
     return {"studySpec": spec, "maxTrialCount": trials, "parallelTrialCount": 1 if not stopping else lanes}
 
 
-def run(root: Path, name: str, config: dict, epochs: int, train_file: str, *extra: str) -> tuple[float, dict]:
+def timed_study(
+    root: Path, name: str, config: dict, tune_flags: Sequence[str], trainer: Sequence[str], env: dict
+) -> tuple[float, dict]:
+    """`python -m mnist_jax.tune run` of `config` (seed 0) in job dir `root/name`: its wall time, command to
+    `study.json`, and that `study.json` (bench_study.py times its studies with it too)."""
     (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
     command = [
         sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(root / f"{name}.yaml"),
-        "--job-dir", str(root / name), "--seed", "0", *extra, "--", "--train-file", train_file,
-        "--epochs", str(epochs),
+        "--job-dir", str(root / name), "--seed", "0", *tune_flags, "--", *trainer,
     ]  # fmt: skip
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / f"{name}-xla-cache")}
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started, json.loads((root / name / "study.json").read_text())
 
 
+def run(root: Path, name: str, config: dict, epochs: int, train_file: str, *extra: str) -> tuple[float, dict]:
+    """A study with an empty compile cache of its own."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / f"{name}-xla-cache")}
+    return timed_study(root, name, config, extra, ["--train-file", train_file, "--epochs", str(epochs)], env)
+
+
+def study_parser(description: str, trials: int, epochs: int, lanes: int) -> argparse.ArgumentParser:
+    """A study bench's size flags with their defaults (bench_study.py's too)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--trials", type=int, default=trials)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--lanes", type=int, default=lanes)
+    return parser
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lanes", type=int, default=4)
+    parser = study_parser(__doc__.splitlines()[0], trials=12, epochs=3, lanes=4)
     parser.add_argument("--train-file", default="data/mnist.pkl")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

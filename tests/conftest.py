@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import job_args, load_final_state, make_arrays, make_learnable, train_here
+from helpers import job_args, load_final_state, make_arrays, make_learnable, tiny_args, train_here
 
 # gcsfs reads this at import: without it, gcsfs asks the emulator for a gRPC API it lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -77,24 +77,6 @@ def trained_job(tmp_path_factory) -> Path:
     train_file = root / "tiny.pkl"
     train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
     job_dir = root / "job"
-    train_here(
-        [
-            "--train-file",
-            str(train_file),
-            "--job-dir",
-            str(job_dir),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "32",
-            "--dropout-one",
-            "0.3",
-            "--dropout-two",
-            "0.25",
-            "--learning-rate",
-            "0.002",
-            "--checkpoint-every",
-            "1",
-        ]
-    )
+    rates = ["--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"]
+    train_here([*tiny_args(train_file, epochs=2), "--job-dir", str(job_dir), *rates, "--checkpoint-every", "1"])
     return job_dir

@@ -21,6 +21,7 @@ from helpers import (
     job_args,
     load_final_state,
     make_arrays,
+    read_metrics,
     run_trainer,
     start_trainer,
     train_here,
@@ -76,13 +77,11 @@ def test_train_on_gcs_then_resume_with_more_epochs(gcs_env):
 
     result = train_here([*args, "--epochs", "3"])
     assert "Resuming from epoch 2 (step 8)" in result.stdout
-    records = [json.loads(line) for line in fs.cat_file("bucket/e2e/job/metrics.jsonl").decode().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["epoch"] for r in read_metrics("gs://bucket/e2e/job")] == [1, 2, 3]
 
 
 def test_sigkill_with_gcs_job_dir_resumes_bit_identical(gcs_env, slow_data, uninterrupted):
     job_dir = "gs://bucket/killed/job"
-    fs = fsspec.filesystem("gs")
     process = start_trainer(job_args(slow_data, job_dir), env=gcs_env)
     # On GCS, Orbax marks a finished step with commit_success.txt.
     marker = f"bucket/killed/job/checkpoints/{STEPS_PER_EPOCH}/commit_success.txt"
@@ -91,8 +90,7 @@ def test_sigkill_with_gcs_job_dir_resumes_bit_identical(gcs_env, slow_data, unin
     assert process.wait(timeout=30) == -signal.SIGKILL
     result = train_here(job_args(slow_data, job_dir))
     assert "Resuming from epoch " in result.stdout
-    records = fs.cat_file("bucket/killed/job/metrics.jsonl").decode().splitlines()
-    assert [json.loads(line)["epoch"] for line in records] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in read_metrics(job_dir)] == list(range(1, EPOCHS + 1))
     assert_states_equal(load_final_state(job_dir), uninterrupted)
 
 
@@ -120,9 +118,7 @@ def test_transient_faults_are_retried(gcs_env, fake_gcs):
     for method in ("GET", "POST"):
         assert proxy.injected[f"{method} 503"] >= 1 and proxy.injected[f"{method} reset"] == 1, proxy.injected
     assert "Test accuracy: " in result.stdout
-    fs = fsspec.filesystem("gs")
-    records = fs.cat_file("bucket/faults/job/metrics.jsonl").decode().splitlines()
-    assert [json.loads(line)["epoch"] for line in records] == [1, 2]
+    assert [r["epoch"] for r in read_metrics("gs://bucket/faults/job")] == [1, 2]
     assert any(o.endswith("checkpoints/8/commit_success.txt") for o in _objects("bucket/faults/job"))
 
 

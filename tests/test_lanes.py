@@ -7,6 +7,7 @@ import collections
 import json
 import re
 import signal
+import subprocess
 
 import jax
 import pytest
@@ -163,62 +164,22 @@ def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
         assert abs(m1[0]["loss"] - m4[0]["loss"]) < 1e-5 and abs(m1[0]["val_loss"] - m4[0]["val_loss"]) < 1e-5
 
 
-@pytest.mark.slow
-def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_data, tmp_path):
+def _whole_then_cut(slow_data, tmp_path, lanes: int, epochs: int, every: str) -> tuple[subprocess.Popen, list[str]]:
+    """The 4-trial grid study in `lanes` lanes run whole in this process (job dir `whole`), then started in a
+    process of its own (`cut`) for the test to interrupt; returns that process and the `tune run` flags that
+    resume it."""
     study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])
-    trainer = [*tiny_args(slow_data, 4), "--seed", "5", "--checkpoint-every", "3"]
+    trainer = [*tiny_args(slow_data, epochs), "--seed", "5", "--checkpoint-every", every]
 
     def args(name):
-        return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "2", "--", *trainer]
+        return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", str(lanes), "--", *trainer]
 
     assert _tune(args("whole")).returncode == 0
-    process = start_module("tune", ["run", *args("cut")])
-    first_log = tmp_path / "cut/trial-1/train.log"  # a lane's epoch lines come as it trains
-    wait_for(lambda: first_log.exists() and "Epoch 1/" in first_log.read_text(), process)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert "preempted: SIGTERM: saved 2 lanes" in stderr and "Traceback" not in stderr
-    cut = json.loads((tmp_path / "cut/study.json").read_text())
-    assert {t["status"] for t in cut["trials"]} == {"REQUESTED"}  # handed back to the study, to resume
-    # Both lanes saved the epoch in flight, although checkpoints were due only every 2 epochs.
-    for t in cut["trials"]:
-        state = load_final_state(tmp_path / f"cut/trial-{t['id']}")
-        assert int(state.epoch) == len(t["measurements"]) > 0
-    again = _tune(args("cut"))
-    assert again.returncode == 0, again.stderr
-    assert "trial 1: resuming" in again.stdout and "trial 2: resuming" in again.stdout
-    whole = json.loads((tmp_path / "whole/study.json").read_text())
-    resumed = json.loads((tmp_path / "cut/study.json").read_text())
-    assert [t["measurements"] for t in whole["trials"]] == [t["measurements"] for t in resumed["trials"]]
-    for t in whole["trials"]:
-        assert t["status"] == "SUCCEEDED"
-        assert_states_equal(
-            load_final_state(tmp_path / f"cut/trial-{t['id']}"), load_final_state(tmp_path / f"whole/trial-{t['id']}")
-        )
+    return start_module("tune", ["run", *args("cut")]), args("cut")
 
 
-@pytest.mark.slow
-def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_data, tmp_path):
-    study = _grid(tmp_path / "grid.yaml", [0.001, 0.002])  # 4 trials in 4 lanes: one group
-    trainer = [*tiny_args(slow_data, 5), "--seed", "5", "--checkpoint-every", "1"]
-
-    def args(name):
-        return ["--config", study, "--job-dir", str(tmp_path / name), "--vectorize", "4", "--", *trainer]
-
-    assert _tune(args("whole")).returncode == 0
-    process = start_module("tune", ["run", *args("cut")])
-    groups = tmp_path / "cut" / "lanes"
-    wait_for(lambda: groups.is_dir() and any((g / "2").is_dir() for g in groups.iterdir()), process)  # save 2 is in
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
-    assert not list((tmp_path / "cut").glob("trial-*/checkpoints/*"))  # no trial has left its lane: no own save
-    again = _tune(args("cut"))
-    assert again.returncode == 0, again.stderr
-    for n in (1, 2, 3, 4):
-        assert f"trial {n}: resuming" in again.stdout
-        resumed_at = re.findall(r"Resuming from epoch (\d+)", (tmp_path / f"cut/trial-{n}/train.log").read_text())
-        assert len(resumed_at) == 1 and int(resumed_at[0]) >= 2  # from the group's copy of its lane
+def _assert_cut_resumed_as_whole(tmp_path) -> list[dict]:
+    """The interrupted and resumed study measured and saved what the whole one did; returns its trials."""
     whole = json.loads((tmp_path / "whole/study.json").read_text())
     resumed = json.loads((tmp_path / "cut/study.json").read_text())
     assert sorted(t["id"] for t in resumed["trials"]) == [1, 2, 3, 4]
@@ -228,6 +189,45 @@ def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_
         assert_states_equal(
             load_final_state(tmp_path / f"cut/trial-{t['id']}"), load_final_state(tmp_path / f"whole/trial-{t['id']}")
         )
+    return whole["trials"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_group_saves_every_lane_and_the_rerun_resumes_them(slow_data, tmp_path):
+    process, cut = _whole_then_cut(slow_data, tmp_path, lanes=2, epochs=4, every="3")
+    first_log = tmp_path / "cut/trial-1/train.log"  # a lane's epoch lines come as it trains
+    wait_for(lambda: first_log.exists() and "Epoch 1/" in first_log.read_text(), process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "preempted: SIGTERM: saved 2 lanes" in stderr and "Traceback" not in stderr
+    handed_back = json.loads((tmp_path / "cut/study.json").read_text())
+    assert {t["status"] for t in handed_back["trials"]} == {"REQUESTED"}  # handed back to the study, to resume
+    # Both lanes saved the epoch in flight, although checkpoints were due only every 3 epochs.
+    for t in handed_back["trials"]:
+        state = load_final_state(tmp_path / f"cut/trial-{t['id']}")
+        assert int(state.epoch) == len(t["measurements"]) > 0
+    again = _tune(cut)
+    assert again.returncode == 0, again.stderr
+    assert "trial 1: resuming" in again.stdout and "trial 2: resuming" in again.stdout
+    _assert_cut_resumed_as_whole(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_resumes_every_lane_from_its_group_bit_identical(slow_data, tmp_path):
+    process, cut = _whole_then_cut(slow_data, tmp_path, lanes=4, epochs=5, every="1")  # 4 lanes: one group
+    groups = tmp_path / "cut" / "lanes"
+    wait_for(lambda: groups.is_dir() and any((g / "2").is_dir() for g in groups.iterdir()), process)  # save 2 is in
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not list((tmp_path / "cut").glob("trial-*/checkpoints/*"))  # no trial has left its lane: no own save
+    again = _tune(cut)
+    assert again.returncode == 0, again.stderr
+    for n in (1, 2, 3, 4):
+        assert f"trial {n}: resuming" in again.stdout
+        resumed_at = re.findall(r"Resuming from epoch (\d+)", (tmp_path / f"cut/trial-{n}/train.log").read_text())
+        assert len(resumed_at) == 1 and int(resumed_at[0]) >= 2  # from the group's copy of its lane
+    for t in _assert_cut_resumed_as_whole(tmp_path):
         assert [r["epoch"] for r in read_metrics(tmp_path / f"cut/trial-{t['id']}")] == [1, 2, 3, 4, 5]
     assert not groups.exists()  # every trial has its own checkpoint now
     # A trial's job dir is a job's: export its checkpoint, or train it on.

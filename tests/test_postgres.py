@@ -54,9 +54,11 @@ def _worker(host: str | None, args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, env=trainer_env(1), stdout=out, stderr=subprocess.STDOUT)
 
 
-def _run_args(study: str, job_dir: Path, url: str, train_file: Path, *extra: str, epochs: int = 4) -> list[str]:
+def _run_args(tmp_path: Path, url: str, train_file: Path, trials: int, *extra: str, epochs: int = 4) -> list[str]:
+    """`tune run` flags of a `trials`-trial study (`_study`) in job dir `tmp_path/study`, stored at `url`."""
+    study = _study(tmp_path / "study.yaml", trials)
     trainer = [*tiny_args(train_file, epochs), "--checkpoint-every", "1"]
-    return ["--config", study, "--job-dir", str(job_dir), "--storage", url, *extra, "--", *trainer]
+    return ["--config", study, "--job-dir", str(tmp_path / "study"), "--storage", url, *extra, "--", *trainer]
 
 
 def _ids_started(*logs: Path) -> list[int]:
@@ -65,9 +67,7 @@ def _ids_started(*logs: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_hosts_share_a_study_through_a_server_restart(postgres, slow_data, tmp_path):
-    study = _study(tmp_path / "study.yaml", 6)
-    url = postgres.url()
-    args = _run_args(study, tmp_path / "study", url, slow_data, "--vectorize", "2", "--study-name", "restart")
+    args = _run_args(tmp_path, postgres.url(), slow_data, 6, "--vectorize", "2", "--study-name", "restart")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     workers = [_worker(host, args, log) for host, log in zip(("host-a", "host-b"), logs)]
     wait_for(
@@ -90,11 +90,8 @@ def test_two_hosts_share_a_study_through_a_server_restart(postgres, slow_data, t
 
 @pytest.mark.slow
 def test_a_killed_hosts_trial_is_taken_over_after_stale_after_and_resumed(postgres, slow_data, tmp_path):
-    study = _study(tmp_path / "study.yaml", 4)
-    args = _run_args(
-        study, tmp_path / "study", postgres.url(), slow_data, "--vectorize", "2", "--stale-after", "4",
-        "--study-name", "takeover", epochs=12,
-    )  # fmt: skip
+    takeover = ["--vectorize", "2", "--stale-after", "4", "--study-name", "takeover"]
+    args = _run_args(tmp_path, postgres.url(), slow_data, 4, *takeover, epochs=12)
     logs = {host: tmp_path / f"{host}.log" for host in ("host-a", "host-b")}
     a, b = (_worker(host, args, log) for host, log in logs.items())
     for worker, log in zip((a, b), logs.values()):
@@ -121,11 +118,8 @@ def test_a_killed_hosts_trial_is_taken_over_after_stale_after_and_resumed(postgr
 def test_a_server_that_stays_down_ends_the_worker_in_one_line_and_the_same_command_resumes(
     postgres, slow_data, tmp_path
 ):
-    study = _study(tmp_path / "study.yaml", 2)
-    args = _run_args(
-        study, tmp_path / "study", postgres.url(), slow_data, "--vectorize", "2", "--storage-patience", "3",
-        "--study-name", "down", epochs=8,
-    )  # fmt: skip
+    patient = ["--vectorize", "2", "--storage-patience", "3", "--study-name", "down"]
+    args = _run_args(tmp_path, postgres.url(), slow_data, 2, *patient, epochs=8)
     worker = _worker(None, args, tmp_path / "w.log")
     wait_for(lambda: "Epoch 1/" in (tmp_path / "study/trial-1/train.log").read_text()
              if (tmp_path / "study/trial-1/train.log").exists() else False, worker)  # fmt: skip
@@ -151,8 +145,7 @@ def test_bad_credentials_or_an_unreachable_server_is_one_line(postgres, tiny_pic
         "wrong password": postgres.url(password="not-the-password"),
         "nobody listening": postgres.url().replace(f":{postgres.port}/", f":{free_port()}/"),
     }[url_of]
-    study = _study(tmp_path / "study.yaml", 1)
-    result = run_module("tune", ["run", *_run_args(study, tmp_path / "s", url, tiny_pickle)], timeout=120)
+    result = run_module("tune", ["run", *_run_args(tmp_path, url, tiny_pickle, 1)], timeout=120)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot open study storage postgresql+psycopg://tuner:***@127.0.0.1:")
