@@ -22,17 +22,19 @@ the loop's background writer.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import optuna
-from optuna.storages._rdb.models import TrialSystemAttributeModel, TrialUserAttributeModel
+from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel, TrialUserAttributeModel
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
@@ -50,6 +52,7 @@ BEATS_PER_STALE = 4
 PATIENCE_S = 300.0
 HEARTBEAT = "mnist_jax:heartbeat:"  # + the worker's host:pid, a study attribute
 SPEC, READY = "mnist_jax:spec", "mnist_jax:ready"
+CLAIM = "mnist_jax:claim"  # a trial's system attribute: the token of the claim that took it last
 
 
 def redact(url: str) -> str:
@@ -137,6 +140,23 @@ class ResilientStorage(optuna.storages.RDBStorage):
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        """Optuna's, retried. A retry that finds the trial already ended in `state` found the commit of an
+        attempt whose answer the connection lost: the trial was told once, and that is success."""
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if attempts > 1 and self.get_trial(trial_id).state == state:
+                    return True
+                raise
+
+        return self.retry(attempt)
+
 
 def _retrying(name: str) -> Any:
     method = getattr(optuna.storages.RDBStorage, name)
@@ -151,9 +171,9 @@ def _retrying(name: str) -> Any:
 for _name in (
     "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_state_values",
-    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
+    "get_all_trials", "get_best_trial",
     # What Optuna's cache in front of RDB storage calls instead of the public methods:
     "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
 ):  # fmt: skip
@@ -173,6 +193,12 @@ def _write_ahead(store: optuna.storages.RDBStorage) -> None:
 
     sqlalchemy.event.listen(store.engine, "connect", pragmas)
     store.engine.dispose()  # connections opened before the listener get replaced
+
+
+def _stored_attr(session: Any, trial: TrialModel, key: str) -> Any:
+    """A trial's system attribute as a transaction reads it (None if it has none)."""
+    attr = TrialSystemAttributeModel.find_by_trial_and_key(trial, key, session)
+    return None if attr is None else json.loads(attr.value_json)
 
 
 def _find(trials: list[FrozenTrial], trial_id: int) -> FrozenTrial | None:
@@ -305,6 +331,12 @@ class StudyStore:
             viewed.intermediate_values[epoch] = value
         return True
 
+    def measurements(self, trial_id: int) -> dict[int, float]:
+        """One of this worker's trials' measurements by epoch: a resumed trial's earlier epochs, as its worker
+        before this one stored them, with this worker's over them."""
+        viewed = _find(self.trials, trial_id)
+        return {**(viewed.intermediate_values if viewed is not None else {}), **self.mine.get(trial_id, {})}
+
     def should_stop(self, view: View, trial_id: int) -> bool:
         """The study's stopping rule, Optuna's pruner, on the view."""
         return self.pruner.prune(view, _find(view.trials, trial_id))  # type: ignore[arg-type]
@@ -339,27 +371,41 @@ class StudyStore:
                 started = t.datetime_start.timestamp() if t.datetime_start else 0.0
                 worker = Worker(**owner) if owner else None
                 if worker is None or worker.gone(beats.get(worker.beat_key, started), self.stale_after_s):
-                    self.storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+                    self._hand_back(t._trial_id, owner)
                     t.state, found = TrialState.WAITING, True
         return found
 
     def _take(self) -> tuple[int, int, bool] | None:
         self.take_over()
         for t in self.trials:
-            if t.state != TrialState.WAITING:
-                continue
-            try:
-                if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    continue  # another worker took it first
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
+            if t.state != TrialState.WAITING or not self._claim(t._trial_id):
+                continue  # another worker took it first
             resumed = OWNER in t.system_attrs
-            self.storage.set_trial_system_attr(t._trial_id, OWNER, dataclasses.asdict(self.me))
+            if resumed:  # its earlier epochs, as the worker before this one left them
+                t.intermediate_values.update(self.storage.get_trial(t._trial_id).intermediate_values)
             t.state, t.system_attrs[OWNER] = TrialState.RUNNING, dataclasses.asdict(self.me)
             self.ended.pop(t._trial_id, None)
             self.beat(force=not self.beaten)
             return t.number, t._trial_id, resumed
         return None
+
+    def _claim(self, trial_id: int) -> bool:
+        """WAITING -> RUNNING with this worker as its owner, in one transaction: no other worker ever sees the
+        trial running without an owner (which `take_over` hands back). A retry after a lost connection knows
+        a commit of its own by the claim's token; False if the trial was not WAITING."""
+        store, token = self.storage, uuid.uuid4().hex
+
+        def transaction() -> bool:
+            with _create_scoped_session(store.scoped_session) as session:
+                trial = TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                if trial.state != TrialState.WAITING:
+                    return trial.state == TrialState.RUNNING and _stored_attr(session, trial, CLAIM) == token
+                trial.state, trial.datetime_start = TrialState.RUNNING, datetime.datetime.now()
+                for key, value in ((OWNER, dataclasses.asdict(self.me)), (CLAIM, token)):
+                    store._set_trial_attr_without_commit(session, TrialSystemAttributeModel, trial_id, key, value)
+            return True
+
+        return store.retry(transaction)
 
     def others_running(self) -> bool:
         """Whether the snapshot shows trials that other workers run (or ran: until they are taken over)."""
@@ -375,8 +421,21 @@ class StudyStore:
 
     def release(self, trial_id: int) -> None:
         """Gives an interrupted trial back to the study: the next worker resumes it from its checkpoint."""
-        self.storage.set_trial_state_values(trial_id, TrialState.WAITING)
+        self._hand_back(trial_id, dataclasses.asdict(self.me))
         self.end(trial_id, TrialState.WAITING)
+
+    def _hand_back(self, trial_id: int, owner: dict[str, Any] | None) -> None:
+        """RUNNING -> WAITING, if `owner` (as a trial's OWNER attribute records a worker) still runs it: a trial
+        that ended, or that another worker took over or claimed since, is left as it is."""
+        store = self.storage
+
+        def transaction() -> None:
+            with _create_scoped_session(store.scoped_session) as session:
+                trial = TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                if trial.state == TrialState.RUNNING and _stored_attr(session, trial, OWNER) == owner:
+                    trial.state = TrialState.WAITING
+
+        store.retry(transaction)
 
     # --- writes ---------------------------------------------------------------------
 

@@ -185,8 +185,7 @@ class Driver:
 
     def tell(self, trial: optuna.Trial, status: Status, error: str | None = None) -> None:
         """Closes a trial as SUCCEEDED, STOPPED or FAILED; study.json follows, at most every SUMMARY_S."""
-        measurements = self.store.mine.get(trial._trial_id, {})
-        values = [v for _, v in sorted(measurements.items())]
+        values = [v for _, v in sorted(self.store.measurements(trial._trial_id).items())]
         value = study_record.measure(self.spec, values) if values else None
         if status == Status.SUCCEEDED and value is None:
             status, error = Status.FAILED, f"trial reported no '{self.spec.metric}' metric"
