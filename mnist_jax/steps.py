@@ -246,7 +246,9 @@ def compile_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progres
 
 def enable_compile_cache() -> None:
     """Keeps compiled programs on disk (JAX's persistent cache), so a rerun, a resumed job or
-    the next tuning trial skips compilation; $JAX_COMPILATION_CACHE_DIR overrides the place."""
+    the next tuning trial skips compilation; $JAX_COMPILATION_CACHE_DIR overrides the place and
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS what is worth keeping."""
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILE_CACHE_DIR))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
