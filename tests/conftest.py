@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import job_args, load_final_state, make_arrays, make_learnable, tiny_args, train_here
+from helpers import job_args, load_final_state, make_arrays, make_learnable, once, tiny_args, train_here
 
 # gcsfs reads this at import: without it, gcsfs asks the emulator for a gRPC API it lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# Every program the tests compile, however quick, is kept in the compile cache: the suite's processes and
+# in-process runs compile the same few programs many times over.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -63,20 +66,21 @@ def slow_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(slow_data, tmp_path_factory):
+def uninterrupted(slow_data, tmp_path_factory, worker_id):
     """The final state of the job run start to finish without interruption."""
-    job_dir = tmp_path_factory.mktemp("uninterrupted")
-    train_here(job_args(slow_data, job_dir))
+    job_dir = once(tmp_path_factory, worker_id, "uninterrupted", lambda path: train_here(job_args(slow_data, path)))
     return load_final_state(job_dir)
 
 
 @pytest.fixture(scope="session")
-def trained_job(tmp_path_factory) -> Path:
+def trained_job(tmp_path_factory, worker_id) -> Path:
     """A finished two-epoch job on tiny data, with dropout rates and a learning rate of its own."""
-    root = tmp_path_factory.mktemp("trained")
-    train_file = root / "tiny.pkl"
-    train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
-    job_dir = root / "job"
-    rates = ["--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"]
-    train_here([*tiny_args(train_file, epochs=2), "--job-dir", str(job_dir), *rates, "--checkpoint-every", "1"])
-    return job_dir
+
+    def train(root: Path) -> None:
+        train_file = root / "tiny.pkl"
+        train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
+        rates = ["--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"]
+        job = ["--job-dir", str(root / "job"), *rates, "--checkpoint-every", "1"]
+        train_here([*tiny_args(train_file, epochs=2), *job])
+
+    return once(tmp_path_factory, worker_id, "trained", train) / "job"

@@ -1,16 +1,19 @@
 """Test helpers, imported by the tests (not through conftest): datasets, entry points run in this process or in
-subprocesses, checkpoint states, tree differences, metrics.jsonl and study configs."""
+subprocesses, directories filled once per run, checkpoint states, tree differences, metrics.jsonl and study configs."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -219,6 +222,25 @@ def write_study(path: Path, parameters: list, metric: str = "accuracy", **spec) 
     }
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+def once(tmp_path_factory, worker_id: str, name: str, make: Callable[[Path], object]) -> Path:
+    """A directory that `make` fills once per test run, however many xdist workers ask for it: the first to take
+    its lock fills it, the others wait and read it (the tests only read it)."""
+    if worker_id == "master":  # no xdist: nothing to share
+        path = tmp_path_factory.mktemp(name)
+        make(path)
+        return path
+    root = tmp_path_factory.getbasetemp().parent  # the workers' common base
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a worker that failed while filling it
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
 
 
 def start_module(module: str, args: list[str], devices: int = 1, **popen) -> subprocess.Popen:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gcs import free_port
-from helpers import REPO, run_module, tiny_args, trainer_env, wait_for, write_study
+from helpers import REPO, run_here, tiny_args, trainer_env, wait_for, write_study
 from pg import PASSWORD, PostgreSQL, can_run
 
 
@@ -145,7 +145,7 @@ def test_bad_credentials_or_an_unreachable_server_is_one_line(postgres, tiny_pic
         "wrong password": postgres.url(password="not-the-password"),
         "nobody listening": postgres.url().replace(f":{postgres.port}/", f":{free_port()}/"),
     }[url_of]
-    result = run_module("tune", ["run", *_run_args(tmp_path, url, tiny_pickle, 1)], timeout=120)
+    result = run_here("tune", ["run", *_run_args(tmp_path, url, tiny_pickle, 1)])
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot open study storage postgresql+psycopg://tuner:***@127.0.0.1:")
@@ -185,7 +185,7 @@ def test_optuna_dashboard_reads_every_trial_of_a_finished_study(backend, request
     )
     args = ["--config", config, "--job-dir", str(job_dir), "--study-name", f"dash-{backend}"]
     args += ["--storage", url] if backend == "postgresql" else []  # sqlite: the default, <job-dir>/study.db
-    result = run_module(
+    result = run_here(
         "tune", ["run", *args, "--vectorize", "4", "--stopping", "halving", "--", *tiny_args(learnable_pickle, 3)]
     )
     assert result.returncode == 0, result.stderr

@@ -45,14 +45,16 @@ def test_padded_batch_equals_the_real_examples_alone():
     y_pad = jnp.concatenate([y, jnp.full(32, 7, jnp.int32)])
     w_pad = jnp.concatenate([jnp.ones(96), jnp.zeros(32)])
     hp = Hyperparams(jnp.float32(0.0), jnp.float32(0.0))
+    evaluated = jax.jit(eval_step, static_argnums=2)  # as the programs run them: compiled whole
+    trained = jax.jit(train_step, static_argnums=3)
 
-    real = eval_step(state.params, (x, y, jnp.ones(96)), model)
-    padded = eval_step(state.params, (x_pad, y_pad, w_pad), model)
+    real = evaluated(state.params, (x, y, jnp.ones(96)), model)
+    padded = evaluated(state.params, (x_pad, y_pad, w_pad), model)
     assert float(padded.count) == 96
     np.testing.assert_allclose(padded.loss_sum / padded.count, real.loss_sum / real.count, rtol=1e-6)
 
-    after_real, _ = train_step(state, (x, y, jnp.ones(96)), hp, model)
-    after_pad, _ = train_step(state, (x_pad, y_pad, w_pad), hp, model)
+    after_real, _ = trained(state, (x, y, jnp.ones(96)), hp, model)
+    after_pad, _ = trained(state, (x_pad, y_pad, w_pad), hp, model)
     for a, b in zip(jax.tree.leaves(after_real.params), jax.tree.leaves(after_pad.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
