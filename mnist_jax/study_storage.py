@@ -3,14 +3,15 @@ reports in one transaction per epoch, and an in-memory snapshot that stopping de
 
 The study lives in Optuna RDB storage (SQLite by default, any RDB URL to share
 it). When it is created it gets exactly maxTrials trial slots (a grid study,
-its combinations), and workers take slots atomically (WAITING -> RUNNING), so
-a study never runs more than maxTrials trials and no slot twice. Each worker
-writes one heartbeat, a study attribute, four times per `stale_after_s`; a
-RUNNING trial is handed back (WAITING, to resume from its checkpoints) when its
-worker is gone: its process on this host, or its heartbeat older than
-`stale_after_s` elsewhere. A server that restarts is ridden through
-(`ResilientStorage`: every call retried with backoff for up to `patience_s`);
-one that stays down past it stops the worker with `StorageDown`, in one line.
+its combinations), and workers take slots atomically (WAITING -> RUNNING, with
+the worker that runs it, in one transaction), so a study never runs more than
+maxTrials trials and no slot twice. Each worker writes one heartbeat, a study
+attribute, four times per `stale_after_s`; a RUNNING trial is handed back
+(WAITING, to resume from its checkpoints) when its worker is gone: its process
+on this host, or its heartbeat older than `stale_after_s` elsewhere. A server
+that restarts is ridden through (`ResilientStorage`: every call retried with
+backoff for up to `patience_s`); one that stays down past it stops the worker
+with `StorageDown`, in one line.
 
 A worker reads the study once per decision (`snapshot`), not once per trial:
 the trials it runs are current in its own view (`record` adds each epoch's
