@@ -31,7 +31,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -394,19 +394,27 @@ class StudyStore:
         """WAITING -> RUNNING with this worker as its owner, in one transaction: no other worker ever sees the
         trial running without an owner (which `take_over` hands back). A retry after a lost connection knows
         a commit of its own by the claim's token; False if the trial was not WAITING."""
-        store, token = self.storage, uuid.uuid4().hex
+        token = uuid.uuid4().hex
 
-        def transaction() -> bool:
-            with _create_scoped_session(store.scoped_session) as session:
-                trial = TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                if trial.state != TrialState.WAITING:
-                    return trial.state == TrialState.RUNNING and _stored_attr(session, trial, CLAIM) == token
-                trial.state, trial.datetime_start = TrialState.RUNNING, datetime.datetime.now()
-                for key, value in ((OWNER, dataclasses.asdict(self.me)), (CLAIM, token)):
-                    store._set_trial_attr_without_commit(session, TrialSystemAttributeModel, trial_id, key, value)
+        def claim(session: Any, trial: TrialModel) -> bool:
+            if trial.state != TrialState.WAITING:
+                return trial.state == TrialState.RUNNING and _stored_attr(session, trial, CLAIM) == token
+            trial.state, trial.datetime_start = TrialState.RUNNING, datetime.datetime.now()
+            for key, value in ((OWNER, dataclasses.asdict(self.me)), (CLAIM, token)):
+                self.storage._set_trial_attr_without_commit(session, TrialSystemAttributeModel, trial_id, key, value)
             return True
 
-        return store.retry(transaction)
+        return self._change(trial_id, claim)
+
+    def _change(self, trial_id: int, change: Callable[[Any, TrialModel], Any]) -> Any:
+        """`change(session, trial)` on the trial's row, locked, in one transaction; retried whole after a lost
+        connection."""
+
+        def transaction() -> Any:
+            with _create_scoped_session(self.storage.scoped_session) as session:
+                return change(session, TrialModel.find_or_raise_by_id(trial_id, session, for_update=True))
+
+        return self.storage.retry(transaction)
 
     def others_running(self) -> bool:
         """Whether the snapshot shows trials that other workers run (or ran: until they are taken over)."""
@@ -428,15 +436,12 @@ class StudyStore:
     def _hand_back(self, trial_id: int, owner: dict[str, Any] | None) -> None:
         """RUNNING -> WAITING, if `owner` (as a trial's OWNER attribute records a worker) still runs it: a trial
         that ended, or that another worker took over or claimed since, is left as it is."""
-        store = self.storage
 
-        def transaction() -> None:
-            with _create_scoped_session(store.scoped_session) as session:
-                trial = TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                if trial.state == TrialState.RUNNING and _stored_attr(session, trial, OWNER) == owner:
-                    trial.state = TrialState.WAITING
+        def hand_back(session: Any, trial: TrialModel) -> None:
+            if trial.state == TrialState.RUNNING and _stored_attr(session, trial, OWNER) == owner:
+                trial.state = TrialState.WAITING
 
-        store.retry(transaction)
+        self._change(trial_id, hand_back)
 
     # --- writes ---------------------------------------------------------------------
 
