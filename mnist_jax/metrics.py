@@ -76,8 +76,9 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
 class ProgressBar:
     """A Keras-like in-epoch progress bar, drawn only when the stream is a terminal."""
 
-    def __init__(self, steps: int, stream: TextIO = sys.stdout, width: int = 30) -> None:
-        self.steps, self.stream, self.width = steps, stream, width
+    def __init__(self, steps: int, stream: TextIO | None = None, width: int = 30) -> None:
+        # sys.stdout as it is when the bar is made (a redirected one too, as the logger honours it), not at import
+        self.steps, self.stream, self.width = steps, stream if stream is not None else sys.stdout, width
 
     def update(self, done: int) -> None:
         filled = self.width * done // self.steps

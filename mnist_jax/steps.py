@@ -202,7 +202,18 @@ class Program(NamedTuple):
 
 
 def compile_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progress: Callable | None = None) -> Program:
-    """The jitted programs of `lanes` lanes on `mesh` (lane index `k` is an argument: any lane, one program)."""
+    """The jitted programs of `lanes` lanes on `mesh` (lane index `k` is an argument: any lane, one program).
+
+    Programs without a progress callback are built once per process: a second run with the same model, batch,
+    mesh and lanes (trials one after another, a notebook) reuses their traces and executables. A callback
+    belongs to one run, so programs that call one are built for it alone.
+    """
+    if progress is None:
+        return _kept_program(model, batch_size, mesh, lanes)
+    return _build_program(model, batch_size, mesh, lanes, progress)
+
+
+def _build_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progress: Callable | None) -> Program:
     batch = parallel.batch_sharded(mesh)
     replicated, stacked = parallel.replicated(mesh), parallel.lanes_sharded(mesh)
     epoch = functools.partial(train_epoch, model=model, batch_size=batch_size, batch_sharding=batch, progress=progress)
@@ -242,6 +253,9 @@ def compile_program(model: MLP, batch_size: int, mesh: Mesh, lanes: int, progres
         ),
         copy=jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=stacked),
     )
+
+
+_kept_program = functools.cache(functools.partial(_build_program, progress=None))
 
 
 def enable_compile_cache() -> None:

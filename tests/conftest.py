@@ -74,11 +74,12 @@ def uninterrupted(slow_data, tmp_path_factory, worker_id):
 
 @pytest.fixture(scope="session")
 def trained_job(tmp_path_factory, worker_id) -> Path:
-    """A finished two-epoch job on tiny data, with dropout rates and a learning rate of its own."""
+    """A finished two-epoch job on tiny data (the shapes of `tiny_pickle`, so its programs are compiled once),
+    with data, dropout rates and a learning rate of its own."""
 
     def train(root: Path) -> None:
         train_file = root / "tiny.pkl"
-        train_file.write_bytes(pickle.dumps(make_arrays(n_train=300, n_test=50, seed=2)))
+        train_file.write_bytes(pickle.dumps(make_arrays(seed=2)))
         rates = ["--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"]
         job = ["--job-dir", str(root / "job"), *rates, "--checkpoint-every", "1"]
         train_here([*tiny_args(train_file, epochs=2), *job])

@@ -173,7 +173,7 @@ def assert_states_equal(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-EPOCHS = 12
+EPOCHS = 8
 STEPS_PER_EPOCH = 63
 
 

@@ -1,5 +1,6 @@
-"""Checkpoints: resume after SIGKILL and SIGTERM bit for bit, extra epochs, shape changes, elastic restore,
-and faults: a full disk, damaged checkpoints, an unwritable job dir."""
+"""Checkpoints: resume after SIGKILL and SIGTERM bit for bit, extra epochs, shape changes, four devices training
+what one does and their checkpoint resuming on one, and faults: a full disk, damaged checkpoints, an unwritable
+job dir."""
 
 from __future__ import annotations
 
@@ -112,9 +113,16 @@ def test_changed_model_width_is_a_clear_error(tiny_pickle, tmp_path):
     assert_refused(result, "hidden_units 64 in the checkpoint vs 512 now")
 
 
-def test_checkpoint_from_four_devices_resumes_on_one(tiny_pickle, tmp_path):
-    args = ["--train-file", str(tiny_pickle), "--batch-size", "32"]
-    run_trainer([*args, "--job-dir", str(tmp_path / "elastic"), "--epochs", "1"], devices=4)
+def test_four_devices_train_what_one_does_and_their_checkpoint_resumes_on_one(tiny_pickle, tmp_path):
+    # 100 examples, batch 32: four steps, the last one padded, dropout on.
+    args = ["--train-file", str(tiny_pickle), "--batch-size", "32", "--dropout-one", "0.3"]
+    four = run_trainer([*args, "--job-dir", str(tmp_path / "elastic"), "--epochs", "1"], devices=4)
+    assert "Training on 4 cpu device(s)" in four.stdout
+    train_here([*args, "--job-dir", str(tmp_path / "single"), "--epochs", "1"])
+    elastic, single = load_final_state(tmp_path / "elastic"), load_final_state(tmp_path / "single")
+    assert int(elastic.step) == int(single.step) == 4
+    assert max_difference(elastic.params, single.params) < 1e-5
+    # Epoch 2 of each on one device: the four devices' checkpoint resumes there.
     result = train_here([*args, "--job-dir", str(tmp_path / "elastic"), "--epochs", "2"])
     assert "Resuming from epoch 1 (step 4)" in result.stdout
     train_here([*args, "--job-dir", str(tmp_path / "single"), "--epochs", "2"])

@@ -106,7 +106,7 @@ def test_export_cli_from_checkpoints(trained_job, tmp_path):
     result = export_cli("--out", str(tmp_path / "latest.h5"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "latest.h5").read_bytes() == (trained_job / "model.h5").read_bytes()
-    first = export_cli("--step", "10", "--out", str(tmp_path / "first.h5"))  # after epoch 1: 300/32 -> 10 steps
+    first = export_cli("--step", "4", "--out", str(tmp_path / "first.h5"))  # after epoch 1: 100/32 -> 4 steps
     assert first.returncode == 0, first.stderr
     assert not np.array_equal(
         export.read_model(str(tmp_path / "first.h5"))[0]["dense"]["kernel"],

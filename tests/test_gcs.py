@@ -97,7 +97,7 @@ def test_sigkill_with_gcs_job_dir_resumes_bit_identical(gcs_env, slow_data, unin
 @pytest.mark.slow
 def test_transient_faults_are_retried(gcs_env, fake_gcs):
     _upload("bucket/faults/mnist.pkl.gz", gzip.compress(pickle.dumps(make_arrays())))
-    proxy = FaultyProxy(fake_gcs.port, plan=("503", "reset", "503"))
+    proxy = FaultyProxy(fake_gcs.port, plan=("503", "reset"))
     try:
         result = run_trainer(
             [

@@ -218,27 +218,6 @@ def test_health_is_503_until_the_model_is_loaded(trained_job, gcs_env, fake_gcs,
         proxy.shutdown()
 
 
-def test_sigterm_drains_requests_in_flight(trained_job, digits):
-    server = Server(str(trained_job / "model.h5"))
-    server.wait_healthy()
-    body = json.dumps({"instances": [digits[0].tolist()]}).encode()
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    connection.putrequest("POST", "/predict")
-    connection.putheader("Content-Type", "application/json")
-    connection.putheader("Content-Length", str(len(body)))
-    connection.endheaders(body[:100])  # the request has begun...
-    time.sleep(0.3)
-    server.process.send_signal(signal.SIGTERM)  # ...when the scheduler stops the container
-    time.sleep(0.3)
-    connection.send(body[100:])
-    response = connection.getresponse()
-    assert response.status == 200
-    assert len(json.loads(response.read())["predictions"]) == 1
-    # uvicorn shuts down gracefully, then lets the SIGTERM end the process as it would have.
-    assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
-    assert "Traceback" not in server.process.stderr.read()
-
-
 def test_unloadable_model_is_a_one_line_error(tmp_path):
     server = Server(str(tmp_path / "missing.h5"))
     _, stderr = server.process.communicate(timeout=120)
@@ -248,13 +227,27 @@ def test_unloadable_model_is_a_one_line_error(tmp_path):
     )
 
 
-def test_the_server_logs_its_start_its_requests_and_its_stop_as_json(trained_job, digits, tmp_path):
+def test_sigterm_drains_requests_in_flight_and_the_server_logs_it_all_as_json(trained_job, digits, tmp_path):
     with open(tmp_path / "out", "w") as out:
         server = Server(str(trained_job / "model.h5"), "--access-log", "--log-format", "json", stdout=out)
         server.wait_healthy()
         assert server.request("POST", "/predict", json.dumps({"instances": [digits[0].tolist()]}).encode())[0] == 200
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=60)
+        body = json.dumps({"instances": [digits[1].tolist()]}).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.putrequest("POST", "/predict")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body[:100])  # the request has begun...
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)  # ...when the scheduler stops the container
+        time.sleep(0.3)
+        connection.send(body[100:])
+        response = connection.getresponse()
+        assert response.status == 200
+        assert len(json.loads(response.read())["predictions"]) == 1
+        # uvicorn shuts down gracefully, then lets the SIGTERM end the process as it would have.
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.process.stderr.read()
     entries = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()]
     assert {e["severity"] for e in entries} == {"INFO"}
     messages = [e["message"] for e in entries]
@@ -263,7 +256,8 @@ def test_the_server_logs_its_start_its_requests_and_its_stop_as_json(trained_job
         f"ready: serving {trained_job / 'model.h5'} on http://127.0.0.1:{server.port}: GET /health, POST /predict "
         "(batches of up to 64 images, compiled)"
     )
-    (posted,) = [i for i, m in enumerate(messages) if '"POST /predict" 200 ' in m]
-    assert ready < posted and messages[posted].startswith("127.0.0.1:") and messages[posted].endswith(" ms")
+    posted = [i for i, m in enumerate(messages) if '"POST /predict" 200 ' in m]  # before the SIGTERM, and in flight
+    assert len(posted) == 2 and ready < posted[0]
+    assert all(messages[i].startswith("127.0.0.1:") and messages[i].endswith(" ms") for i in posted)
     assert any('"GET /health" ' in m for m in messages)
     assert messages[-1] == "stopped: the requests in flight were answered"
