@@ -168,18 +168,18 @@ def test_lanes_on_four_devices_match_one_device(tiny_pickle, tmp_path):
 
 
 def _lane_study(train_file, study: str, job_dir: Path, every: str) -> list[str]:
-    """`tune run` flags of the lane signal tests' study: 2 trials in 2 lanes (one group), 5 epochs each."""
+    """`tune run` flags of the lane signal tests' study: 4 trials, two at a time in 2 lanes, 5 epochs each."""
     trainer = [*tiny_args(train_file, 5), "--seed", "5", "--checkpoint-every", every]
     return ["--config", study, "--job-dir", str(job_dir), "--vectorize", "2", "--", *trainer]
 
 
 @pytest.fixture(scope="session")
 def whole_study(slow_data, tmp_path_factory, worker_id) -> Path:
-    """The lane signal tests' reference: their 2-trial grid study run whole in this process (`whole`), with its
+    """The lane signal tests' reference: their 4-trial grid study run whole in this process (`whole`), with its
     study config (`grid.yaml`); made once for the run. Checkpoint cadence changes no result, so one serves both."""
 
     def run(root: Path) -> None:
-        result = _tune(_lane_study(slow_data, _grid(root / "grid.yaml", [0.001]), root / "whole", "1"))
+        result = _tune(_lane_study(slow_data, _grid(root / "grid.yaml", [0.001, 0.002]), root / "whole", "1"))
         assert result.returncode == 0, result.stderr
 
     return once(tmp_path_factory, worker_id, "lane-study", run)
@@ -196,7 +196,7 @@ def _assert_cut_resumed_as_whole(whole_study: Path, tmp_path: Path) -> list[dict
     """The interrupted and resumed study measured and saved what the whole one did; returns its trials."""
     whole = json.loads((whole_study / "whole/study.json").read_text())
     resumed = json.loads((tmp_path / "cut/study.json").read_text())
-    assert sorted(t["id"] for t in resumed["trials"]) == [1, 2]
+    assert sorted(t["id"] for t in resumed["trials"]) == [1, 2, 3, 4]  # the first two resumed, then two more
     assert [t["measurements"] for t in whole["trials"]] == [t["measurements"] for t in resumed["trials"]]
     for t in whole["trials"]:
         assert t["status"] == "SUCCEEDED"

@@ -303,7 +303,7 @@ def test_a_stopped_trial_process_saves_through_sigterm(slow_data, tmp_path):
     run = ["run", "--config", config, "--job-dir", str(tmp_path / "study")]
     trainer = [*tiny_args(slow_data), "--epochs", "12"]  # epochs long enough for the stop to land mid-trial
     # Median stopping compares with completed trials: the study's first three complete, as a worker reports
-    # them, at 0.9 every epoch. The fourth (random data) then runs as a trial process, far below them after its
+    # them, at 0.9 every epoch. The fourth then runs as a trial process on random data, far below them after its
     # first epoch, with eleven epochs to go when the stop lands.
     driver = tune.open_driver(tune.build_parser().parse_args(run), trainer)
     for _ in range(3):
