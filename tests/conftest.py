@@ -56,12 +56,12 @@ def gcs_env(fake_gcs, monkeypatch):
     gcsfs.GCSFileSystem.clear_instance_cache()
 
 
-# The preemption tests' job: 2000 examples in batches of 32, long enough for a signal to land mid-job.
+# The preemption tests' job: 1000 examples in batches of 32, long enough for a signal to land mid-job.
 @pytest.fixture(scope="session")
 def slow_data(tmp_path_factory) -> Path:
     """Enough data that an epoch takes a while, so a signal lands mid-job."""
     path = tmp_path_factory.mktemp("data") / "mnist.pkl"
-    path.write_bytes(pickle.dumps(make_arrays(n_train=2000, n_test=200, seed=1)))
+    path.write_bytes(pickle.dumps(make_arrays(n_train=1000, n_test=200, seed=1)))
     return path
 
 

@@ -174,7 +174,7 @@ def assert_states_equal(a, b) -> None:
 
 
 EPOCHS = 8
-STEPS_PER_EPOCH = 63
+STEPS_PER_EPOCH = 32
 
 
 def job_args(train_file, job_dir, epochs=EPOCHS) -> list[str]:

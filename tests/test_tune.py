@@ -301,14 +301,14 @@ def test_a_stopped_trial_process_saves_through_sigterm(slow_data, tmp_path):
         maxTrialCount=4,
     )
     run = ["run", "--config", config, "--job-dir", str(tmp_path / "study")]
-    trainer = [*tiny_args(slow_data), "--epochs", "12"]  # epochs long enough for the stop to land mid-trial
+    trainer = [*tiny_args(slow_data), "--epochs", "20"]  # epochs enough for the stop to land mid-trial
     # Median stopping compares with completed trials: the study's first three complete, as a worker reports
     # them, at 0.9 every epoch. The fourth then runs as a trial process on random data, far below them after its
-    # first epoch, with eleven epochs to go when the stop lands.
+    # first epoch, with nineteen epochs to go when the stop lands.
     driver = tune.open_driver(tune.build_parser().parse_args(run), trainer)
     for _ in range(3):
         trial = driver.pop()
-        driver.report_now([(trial, epoch, 0.9, epoch == 12) for epoch in range(1, 13)])
+        driver.report_now([(trial, epoch, 0.9, epoch == 20) for epoch in range(1, 21)])
         driver.tell(trial, Status.SUCCEEDED)
     result = run_here("tune", [*run, "--", *trainer])
     assert result.returncode == 0, result.stderr
@@ -318,7 +318,7 @@ def test_a_stopped_trial_process_saves_through_sigterm(slow_data, tmp_path):
     assert stopped["params"] == {"learning-rate": 1e-5} and "trial 4: starting" in result.stdout
     log = (tmp_path / "study" / "trial-4" / "train.log").read_text()
     assert "preempted: SIGTERM: saved epoch" in log  # it finished its epoch in flight and saved it
-    assert 1 <= len(stopped["measurements"]) < 12 and not (tmp_path / "study" / "trial-4" / "model.h5").exists()
+    assert 1 <= len(stopped["measurements"]) < 20 and not (tmp_path / "study" / "trial-4" / "model.h5").exists()
 
 
 @pytest.mark.slow
