@@ -20,6 +20,8 @@ from gcs import free_port
 from helpers import REPO, run_here, tiny_args, trainer_env, wait_for, write_study
 from pg import PASSWORD, PostgreSQL, can_run
 
+pytestmark = pytest.mark.xdist_group("postgres")  # one worker, so one server for the module
+
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):

@@ -22,6 +22,8 @@ from mnist_jax.predict import load_model
 from gcs import FaultyProxy, free_port
 from helpers import REPO
 
+pytestmark = pytest.mark.xdist_group("serve")  # one worker, so one server for the module
+
 MAX_INSTANCES = 8
 MAX_BODY = 128_000
 
