@@ -36,7 +36,7 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
-from mnist_jax.predict import load_model
+from mnist_jax.serving.predict import load_model
 
 MODES = {"dynamic batching": [], "batch of one": ["--max-batch", "1", "--batch-timeout-ms", "0"]}
 CONCURRENCY = (1, 8, 32)
@@ -153,9 +153,9 @@ async def with_aiohttp(url: str, payloads: list[bytes], clients: int, requests: 
 
 def images(count: int) -> np.ndarray:
     if os.path.exists("data/mnist.pkl"):
-        from mnist_jax import data
+        from mnist_jax.data import dataset
 
-        return data.load("data/mnist.pkl").x_test[:count]
+        return dataset.load("data/mnist.pkl").x_test[:count]
     return np.random.default_rng(0).integers(0, 256, (count, 784), dtype=np.uint8)
 
 

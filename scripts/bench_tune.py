@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,22 +53,34 @@ def study_config(trials: int, lanes: int, stopping: bool) -> dict:
     return {"studySpec": spec, "maxTrialCount": trials, "parallelTrialCount": 1 if not stopping else lanes}
 
 
+FIRST_EPOCH = re.compile(r"^trial \d+ epoch 1: ")  # the driver's line for a trial's first epoch
+
+
 def timed_study(
-    root: Path, name: str, config: dict, tune_flags: Sequence[str], trainer: Sequence[str], env: dict
-) -> tuple[float, dict]:
-    """`python -m mnist_jax.tune run` of `config` (seed 0) in job dir `root/name`: its wall time, command to
-    `study.json`, and that `study.json` (bench_study.py times its studies with it too)."""
+    root: Path, name: str, config: dict, tune_flags: Sequence[str], trainer: Sequence[str], env: dict, seed: int = 0
+) -> tuple[float, dict, float | None]:
+    """`python -m mnist_jax.tune run` of `config` (search seed `seed`) in job dir `root/name`: its wall time, command to
+    `study.json`, that `study.json`, and when the first trial's first epoch line came, from the command's start
+    (bench_study.py times its studies with it too)."""
     (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
     command = [
         sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(root / f"{name}.yaml"),
-        "--job-dir", str(root / name), "--seed", "0", *tune_flags, "--", *trainer,
+        "--job-dir", str(root / name), "--seed", str(seed), *tune_flags, "--", *trainer,
     ]  # fmt: skip
-    started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started, json.loads((root / name / "study.json").read_text())
+    started, first_epoch = time.perf_counter(), None
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:  # type: ignore[union-attr]
+            if first_epoch is None and FIRST_EPOCH.match(line):
+                first_epoch = time.perf_counter() - started
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    wall = time.perf_counter() - started
+    return wall, json.loads((root / name / "study.json").read_text()), first_epoch
 
 
-def run(root: Path, name: str, config: dict, epochs: int, train_file: str, *extra: str) -> tuple[float, dict]:
+def run(
+    root: Path, name: str, config: dict, epochs: int, train_file: str, *extra: str
+) -> tuple[float, dict, float | None]:
     """A study with an empty compile cache of its own."""
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / f"{name}-xla-cache")}
     return timed_study(root, name, config, extra, ["--train-file", train_file, "--epochs", str(epochs)], env)
@@ -101,7 +114,7 @@ def main() -> None:
     print(f"\n{args.trials} trials of up to {args.epochs} epochs, real MNIST, {os.cpu_count()} CPU cores")
     print(f"{'mode':<34}{'wall s':>8}{'trial-epochs':>14}{'stopped':>9}{'best':>9}")
     rows = (("one at a time, no stopping", one), (f"median stopping, {args.lanes} lanes", lanes))
-    for label, (wall, study) in rows:
+    for label, (wall, study, _) in rows:
         trial_epochs = sum(len(t["measurements"]) for t in study["trials"])
         stopped = sum(t["status"] == "STOPPED" for t in study["trials"])
         print(f"{label:<34}{wall:>8.1f}{trial_epochs:>14}{stopped:>9}{study['best']['metric']:>9.4f}")

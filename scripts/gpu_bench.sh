@@ -8,7 +8,7 @@
 #
 # Expects Python 3.12 with JAX and its CUDA plugin, flax, optax, orbax-checkpoint, h5py, PyYAML and
 # matplotlib installed, no network, real MNIST at TRAIN_FILE (default data/mnist.pkl; a gzipped pickle
-# works too), and any other package the project imports as wheels in .whl/ (README, Performance).
+# works too), and any other package the project imports as wheels in .whl/ (docs/performance.md says how to bring them).
 # Prints a table: the job's median steady-state epoch, first epoch, wall time and accuracy; each lane
 # count's epoch; the 64-trial study's wall time from command to study.json; then the serving table.
 set -euo pipefail

@@ -8,13 +8,31 @@ from pathlib import Path
 
 import pytest
 
-from helpers import job_args, load_final_state, make_arrays, make_learnable, once, tiny_args, train_here
+from helpers import job_args, load_final_state, make_arrays, make_learnable, once, run_here, tiny_args
 
 # gcsfs reads this at import: without it, gcsfs asks the emulator for a gRPC API it lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # Every program the tests compile, however quick, is kept in the compile cache: the suite's processes and
 # in-process runs compile the same few programs many times over.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keeps a module's `xdist_group` tests on one worker under `--dist loadgroup` (pyproject's addopts).
+
+    pytest-xdist names a test's group to its scheduler by appending `@group` to the test's node id, which it writes
+    to `item._nodeid`; pytest 9.2 keeps the id in `item._id` (a NodeId), so the suffix is lost and each test is
+    scheduled alone (pytest-dev/pytest-xdist#1386). This writes it where pytest reads it, on the workers only, and
+    does nothing where xdist's own suffix took (older pytest, a fixed xdist). Remove once xdist is fixed."""
+    if not getattr(config.option, "loadgroup", False):  # set on loadgroup workers
+        return
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            item._id = type(item._id).parse(item.nodeid + suffix)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +86,12 @@ def slow_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def uninterrupted(slow_data, tmp_path_factory, worker_id):
     """The final state of the job run start to finish without interruption."""
-    job_dir = once(tmp_path_factory, worker_id, "uninterrupted", lambda path: train_here(job_args(slow_data, path)))
+    job_dir = once(
+        tmp_path_factory,
+        worker_id,
+        "uninterrupted",
+        lambda path: run_here("train", job_args(slow_data, path), check=True),
+    )
     return load_final_state(job_dir)
 
 
@@ -82,6 +105,6 @@ def trained_job(tmp_path_factory, worker_id) -> Path:
         train_file.write_bytes(pickle.dumps(make_arrays(seed=2)))
         rates = ["--dropout-one", "0.3", "--dropout-two", "0.25", "--learning-rate", "0.002"]
         job = ["--job-dir", str(root / "job"), *rates, "--checkpoint-every", "1"]
-        train_here([*tiny_args(train_file, epochs=2), *job])
+        run_here("train", [*tiny_args(train_file, epochs=2), *job], check=True)
 
     return once(tmp_path_factory, worker_id, "trained", train) / "job"

@@ -63,45 +63,9 @@ def trainer_env(devices: int = 1, env: dict | None = None) -> dict:
     }
 
 
-TRAINER = [sys.executable, "-m", "mnist_jax.train"]
-
-
 def tiny_args(train_file, epochs: int = 2, batch_size: int = 32) -> list[str]:
     """Trainer flags for a short run on a tiny dataset."""
     return ["--train-file", str(train_file), "--epochs", str(epochs), "--batch-size", str(batch_size)]
-
-
-def run_module(
-    module: str,
-    args: list[str],
-    *,
-    devices: int = 1,
-    env: dict | None = None,
-    timeout: float = 300,
-    check: bool = False,
-    stdin: bytes | None = None,
-) -> subprocess.CompletedProcess:
-    """Runs `python -m mnist_jax.<module> ARGS` to completion in a fresh process (text output unless
-    `stdin` is bytes)."""
-    result = subprocess.run(
-        [sys.executable, "-m", f"mnist_jax.{module}", *args],
-        cwd=REPO,
-        env=trainer_env(devices, env),
-        input=stdin,
-        capture_output=True,
-        text=stdin is None,
-        timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def run_trainer(
-    args: list[str], devices: int = 1, env: dict | None = None, timeout: float = 240, check: bool = True
-) -> subprocess.CompletedProcess:
-    """Runs `python -m mnist_jax.train` to completion in a fresh process."""
-    return run_module("train", args, devices=devices, env=env, timeout=timeout, check=check)
 
 
 def run_here(
@@ -109,7 +73,7 @@ def run_here(
 ) -> subprocess.CompletedProcess:
     """`python -m mnist_jax.<module> ARGS` run by the module's `main` in this process (one device), with the exit
     status and output a process gives (bytes when `stdin` is): for tests where a process would add only its
-    start-up (imports, compiles).
+    start-up (imports, compiles). `check` makes a non-zero status an AssertionError that shows the output.
 
     The tuning metric goes to a throwaway file unless `env` says where.
     """
@@ -136,25 +100,47 @@ def run_here(
     return result
 
 
-def train_here(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m mnist_jax.train ARGS` in this process (`run_here`)."""
-    return run_here("train", args, env=env, check=check)
+def run_process(
+    module: str,
+    args: list[str],
+    *,
+    devices: int = 1,
+    env: dict | None = None,
+    timeout: float = 300,
+    check: bool = False,
+    stdin: bytes | None = None,
+    wait: bool = True,
+    **popen,
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python -m mnist_jax.<module> ARGS` in a fresh process with `devices` simulated CPU devices and the
+    environment of `trainer_env(devices, env)`, run from the repository's root.
 
-
-def start_trainer(args: list[str], env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
-    """Starts `python -m mnist_jax.train` in the background (one device)."""
-    return subprocess.Popen(
-        [*TRAINER, *args], cwd=REPO, env=trainer_env(1, env), stdout=stdout, stderr=subprocess.PIPE, text=True
-    )
+    wait=True: runs it to completion (at most `timeout` seconds) and returns the CompletedProcess, its output
+    captured (text, or bytes when `stdin`, the bytes fed to it, is given); `check` makes a non-zero status an
+    AssertionError that shows the output.
+    wait=False: starts it in the background and returns the Popen; `timeout`, `check` and `stdin` do not apply.
+    In both, stdout and stderr are text pipes unless `popen` (subprocess.Popen's keywords) says otherwise.
+    """
+    command = [sys.executable, "-m", f"mnist_jax.{module}", *args]
+    if not wait:
+        if stdin is not None:
+            raise TypeError("run_process: stdin is fed only to a process it waits for (wait=True)")
+        options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+        return subprocess.Popen(command, cwd=REPO, env=trainer_env(devices, env), **options)
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": stdin is None, **popen}
+    result = subprocess.run(command, cwd=REPO, env=trainer_env(devices, env), input=stdin, timeout=timeout, **options)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 def load_final_state(job_dir, hidden_units: int = 512):
     """The newest checkpoint's TrainState in `job_dir` (local or gs://), restored onto this process."""
     import jax
 
-    from mnist_jax import checkpoint, parallel
-    from mnist_jax.model import MLP
-    from mnist_jax.steps import create_train_state
+    from mnist_jax.model.mlp import MLP
+    from mnist_jax.training import checkpoint, parallel
+    from mnist_jax.training.steps import create_train_state
 
     ckpt = checkpoint.Checkpointer(checkpoint.manager_path(f"{job_dir}/checkpoints"), keep=3)
     abstract = jax.eval_shape(lambda: create_train_state(MLP(hidden_units), jax.random.PRNGKey(0), 0.001))
@@ -241,11 +227,3 @@ def once(tmp_path_factory, worker_id: str, name: str, make: Callable[[Path], obj
             make(path)
             done.touch()
     return path
-
-
-def start_module(module: str, args: list[str], devices: int = 1, **popen) -> subprocess.Popen:
-    """`python -m mnist_jax.<module> ARGS` in the background, text output piped unless `popen` says otherwise."""
-    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
-    return subprocess.Popen(
-        [sys.executable, "-m", f"mnist_jax.{module}", *args], cwd=REPO, env=trainer_env(devices), **options
-    )

@@ -12,8 +12,8 @@ import tomllib
 import pytest
 import yaml
 
-from mnist_jax.config import parse_args
 from mnist_jax.serve import build_parser as build_serve_parser
+from mnist_jax.training.config import parse_args
 
 from helpers import REPO
 

@@ -13,11 +13,11 @@ import sys
 import pytest
 import yaml
 
-from mnist_jax import study
-from mnist_jax.config import parse_args
-from mnist_jax.errors import ConfigError
+from mnist_jax.common.errors import ConfigError
+from mnist_jax.study import spec as study
+from mnist_jax.training.config import parse_args
 
-from helpers import REPO, job_args, run_here, start_trainer, tiny_args, train_here, wait_for
+from helpers import REPO, job_args, run_here, run_process, tiny_args, wait_for
 
 DROPOUT = {"parameterName": "dropout-one", "type": "DOUBLE", "minValue": 0.1, "maxValue": 0.5}
 VERTEX_DROPOUT = {"parameterId": "dropout-one", "doubleValueSpec": {"minValue": 0.1, "maxValue": 0.5}}
@@ -101,9 +101,9 @@ def test_a_study_that_cannot_work_stops_before_any_trial(change, message, mode, 
 
 def test_fewer_epochs_than_the_job_dir_holds_is_an_error_that_changes_nothing(tiny_pickle, tmp_path):
     args = [*tiny_args(tiny_pickle, epochs=2), "--job-dir", str(tmp_path / "job")]
-    train_here(args)
+    run_here("train", args, check=True)
     before = {p: p.read_bytes() for p in (tmp_path / "job").rglob("*") if p.is_file()}
-    result = train_here([*args, "--epochs", "1"], check=False)
+    result = run_here("train", [*args, "--epochs", "1"])
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: {tmp_path / 'job'} holds a job trained for 2 epochs, more than --epochs 1; "
@@ -111,13 +111,13 @@ def test_fewer_epochs_than_the_job_dir_holds_is_an_error_that_changes_nothing(ti
     )
     after = {p: p.read_bytes() for p in (tmp_path / "job").rglob("*") if p.is_file()}
     assert after == before  # no config.json, model.h5 or TensorBoard run rewritten
-    again = train_here(args)  # the same epochs: nothing to train, the model re-exported
+    again = run_here("train", args, check=True)  # the same epochs: nothing to train, the model re-exported
     assert "Resuming from epoch 2" in again.stdout and "Epoch 1/" not in again.stdout
 
 
 def test_ctrl_c_saves_the_epoch_in_flight_and_exits_130_in_one_line(slow_data, tmp_path):
     job_dir = tmp_path / "job"
-    process = start_trainer(job_args(slow_data, job_dir))
+    process = run_process("train", job_args(slow_data, job_dir), wait=False)
     wait_for(lambda: (job_dir / "metrics.jsonl").exists(), process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -125,20 +125,17 @@ def test_ctrl_c_saves_the_epoch_in_flight_and_exits_130_in_one_line(slow_data, t
     (line,) = stderr.strip().splitlines()
     assert line.startswith("warning: interrupted: Ctrl-C: saved epoch ") and "rerun the same command" in line
     saved = int(line.split("saved epoch ")[1].split()[0])
-    result = train_here(job_args(slow_data, job_dir, epochs=saved + 1))
+    result = run_here("train", job_args(slow_data, job_dir, epochs=saved + 1), check=True)
     assert f"Resuming from epoch {saved} " in result.stdout
 
 
 def test_ctrl_c_to_a_study_stops_its_trial_processes_without_a_traceback(slow_data, tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(_legacy(maxTrials=2)))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_jax.tune", "run", "--config", str(path), "--job-dir", str(tmp_path / "s"), "--"]
-        + tiny_args(slow_data, 20),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = run_process(
+        "tune",
+        ["run", "--config", str(path), "--job-dir", str(tmp_path / "s"), "--", *tiny_args(slow_data, 20)],
+        wait=False,
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     log = tmp_path / "s" / "trial-1" / "train.log"
@@ -166,6 +163,7 @@ def test_help_and_flag_errors_import_no_jax(args):
         f"try:\n    train.main({args!r})\nexcept SystemExit:\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax', 'optax', 'orbax'}))"
     )
+    # A raw subprocess, not run_process: it runs a probe script that calls the entry point, not the entry point.
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
 
@@ -176,12 +174,13 @@ def _whole_ticks(axes) -> list[float]:
 
 
 def test_pictures_have_whole_epochs_on_their_axes_and_name_each_trial():
-    from mnist_jax import metrics, study_record
+    from mnist_jax.study import record as study_record
+    from mnist_jax.training import curves
 
-    curves = metrics.CurvesFigure()
-    curves.png([{"epoch": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85}])
-    for axes, _, _ in curves.panels.values():
-        assert _whole_ticks(axes) == [1.0]  # one epoch: the tick 1, not 0.96 ... 1.04
+    # curves.png (drawn with Pillow, its x axis at `epoch_ticks`) for one epoch.
+    record = {"epoch": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85}
+    assert curves.curves_png([record]).startswith(b"\x89PNG")
+    assert curves.epoch_ticks(1, 1) == [1]  # one epoch: the tick 1, not 0.96 ... 1.04
 
     def trial(i, epochs):
         return {"id": i, "status": "SUCCEEDED", "metric": 0.1 * i, "measurements": [[e, 0.1 * i] for e in epochs]}
