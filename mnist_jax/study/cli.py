@@ -7,7 +7,8 @@ halving`), and trials train either as real `python -m mnist_jax.train`
 processes, P at once (`processes`), each given its parameters as
 `--name=value` flags and its own job dir `DIR/trial-<id>`, or, with
 `--vectorize K`, in K lanes of one training program that refill as trials end
-(`lanes`). Each trial writes what it would write alone.
+(`lanes`); with `--pbt`, the trials are one population in lanes, whose weak
+members copy strong ones (`pbt`). Each trial writes what it would write alone.
 
 The study lives in Optuna storage (`store`), by default `DIR/study.db`
 (SQLite); `--storage URL` names any Optuna RDB URL, so a PostgreSQL or MySQL
@@ -113,13 +114,19 @@ def build_parser() -> cli.Parser:
         "members of the top one and explore their settings",
     )
     run.add_argument(
-        "--perturb-every", type=cli.int_at_least(1), default=population.PERTURB_EVERY, metavar="E",
-        help="with --pbt: epochs between perturbations",
-    )  # fmt: skip
+        "--perturb-every",
+        type=cli.int_at_least(1),
+        default=None,
+        metavar="E",
+        help=f"with --pbt: epochs between perturbations (default: {population.PERTURB_EVERY})",
+    )
     run.add_argument(
-        "--pbt-quantile", type=cli.float_in(0, 0.5, low_open=True, high_open=False),
-        default=population.QUANTILE, metavar="Q", help="with --pbt: the fraction of members copied, and copied from",
-    )  # fmt: skip
+        "--pbt-quantile",
+        type=cli.float_in(0, 0.5, low_open=True, high_open=False),
+        default=None,
+        metavar="Q",
+        help=f"with --pbt: the fraction of members copied, and copied from (default: {population.QUANTILE:g})",
+    )
     flags.add_flags(run, flags.OUTPUT_FLAGS)
     return parser
 
@@ -154,7 +161,14 @@ def open_driver(args: Any, extra: Sequence[str]) -> Driver:
     name = args.study_name or Path(args.job_dir.rstrip("/")).name or "study"
     storage.make_dirs(args.job_dir, "--job-dir")
     url = args.storage or default_storage(args.job_dir)
-    pbt = {"perturb_every": args.perturb_every, "quantile": args.pbt_quantile} if args.pbt else None
+    given = [name for name in ("perturb_every", "pbt_quantile") if getattr(args, name) is not None]
+    if given and not args.pbt:
+        named = " and ".join("--" + flags.flag_name(name) for name in given)
+        raise ConfigError(f"{named} {'go' if len(given) > 1 else 'goes'} with --pbt")
+    pbt = None
+    if args.pbt:
+        every, quantile = args.perturb_every or population.PERTURB_EVERY, args.pbt_quantile or population.QUANTILE
+        pbt = {"perturb_every": every, "quantile": quantile}
     if pbt is not None:
         population.check(spec, search.stopping(spec, args.stopping))
         if args.vectorize < spec.max_trials:

@@ -23,6 +23,8 @@ from mnist_jax.study.driver import Driver, Writes
 from mnist_jax.training import config as flags
 from mnist_jax.training.source import Outcome, TrialSource
 
+METRIC = "val_accuracy"  # a record's study metric: the validation split's accuracy, or the test set's
+
 
 class LaneSource(TrialSource):
     """The study as a training loop's trial source."""
@@ -53,7 +55,7 @@ class LaneSource(TrialSource):
 
     def decide(self, ended: Sequence[tuple[flags.Config, dict[str, Any]]]) -> list[bool]:
         measured = [
-            (self.trials[c.trial_id], r["epoch"], r["val_accuracy"], r["epoch"] >= c.epochs)  # type: ignore[index]
+            (self.trials[c.trial_id], r["epoch"], r[METRIC], r["epoch"] >= c.epochs)  # type: ignore[index]
             for c, r in ended
         ]
         stops, writes = self.driver.decide(measured)

@@ -30,7 +30,7 @@ from mnist_jax.common.status import Status
 from mnist_jax.study import population, record
 from mnist_jax.study.driver import Driver
 from mnist_jax.study.heartbeat import OWNER, Worker
-from mnist_jax.study.lanes import LaneSource, run_lanes
+from mnist_jax.study.lanes import METRIC, LaneSource, run_lanes
 from mnist_jax.study.population import Exploit
 from mnist_jax.training import config as flags
 from mnist_jax.training.source import Outcome, Perturbation
@@ -58,8 +58,7 @@ class PopulationSource(LaneSource):
         config = super().next_trial()
         if config is None:
             return None
-        # Members differ in their initialisation and random stream too, not in their settings alone.
-        config = dataclasses.replace(config, seed=self.driver.base.seed + int(config.trial_id) - 1)  # type: ignore[arg-type]
+        config = dataclasses.replace(config, seed=population.member_seed(self.driver.base, int(config.trial_id) - 1))  # type: ignore[arg-type]
         member = int(config.trial_id)  # type: ignore[arg-type]
         self.initial[member], self.seeds[member] = population.settings(config), config.seed
         return config
@@ -75,7 +74,7 @@ class PopulationSource(LaneSource):
         if epoch % self.perturb_every or epoch >= ended[0][0].epochs:
             return []
         members = {int(config.trial_id): config for config, _ in ended}  # type: ignore[arg-type]
-        metrics = {int(config.trial_id): record["val_accuracy"] for config, record in ended}  # type: ignore[arg-type]
+        metrics = {int(config.trial_id): record[METRIC] for config, record in ended}  # type: ignore[arg-type]
         current = {member: population.settings(config) for member, config in members.items()}
         spec, seed = self.driver.spec, self.driver.store.seed
         exploits = population.exploits(spec, epoch, metrics, current, seed, self.quantile)
@@ -121,7 +120,7 @@ class PopulationSource(LaneSource):
             if member not in self.initial and "params" in t.user_attrs:
                 drawn = {flags.field_name(name): value for name, value in t.user_attrs["params"].items()}
                 self.initial[member] = {**population.settings(base), **drawn}
-                self.seeds[member] = base.seed + t.number
+                self.seeds[member] = population.member_seed(base, t.number)
 
 
 def read_history(path: str) -> list[Exploit]:

@@ -5,7 +5,7 @@ Each member of the bottom quantile copies the whole training state of a
 member drawn from the top quantile (`Exploit`), then explores from the
 donor's hyperparameters: each continuous parameter is multiplied by 0.8 or
 1.2 in its scale (a log scale's value, a reverse-log scale's mirror), a
-discrete, integer or categorical one moves to a neighbouring value, and with
+discrete or categorical one moves to a neighbouring value, and with
 probability `RESAMPLE_PROBABILITY` a parameter is drawn afresh; every value
 stays inside its bounds. The draws at epoch e come from a generator seeded
 with (study seed, e), so a study resumed from a checkpoint draws what it would
@@ -22,6 +22,7 @@ Everything here is a pure function of the members, their metrics and the exploit
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -33,8 +34,8 @@ from mnist_jax.common.errors import ConfigError
 from mnist_jax.study import search
 from mnist_jax.study.spec import Parameter, Study
 from mnist_jax.training import config as flags
+from mnist_jax.training.config import PERTURBABLE
 
-PERTURBABLE = flags.PERTURBABLE
 FACTORS = (0.8, 1.2)
 RESAMPLE_PROBABILITY = 0.25
 PERTURB_EVERY = 2
@@ -62,13 +63,28 @@ class Exploit:
 
 
 def check(spec: Study, rule: str) -> None:
-    """A study PBT can run: it perturbs only settings of one program, and stops no member early."""
+    """A study PBT can run: it perturbs only settings of one program, every value it can reach is one its setting
+    takes, and it stops no member early."""
     fixed = [p.name for p in spec.parameters if flags.field_name(p.name) not in PERTURBABLE]
     if fixed:
         names = ", ".join(flags.flag_name(name) for name in PERTURBABLE)
         raise ConfigError(f"--pbt perturbs {names} while members train; the study also tunes {', '.join(fixed)}")
+    for p in spec.parameters:  # explore stays within the bounds: the bounds must be settings' values
+        parse = flags.SETTINGS[flags.field_name(p.name)].parse
+        for value in p.values or (p.min_value, p.max_value):
+            try:
+                parse(flags.flag_text(value))  # type: ignore[misc]
+            except argparse.ArgumentTypeError as e:
+                raise ConfigError(
+                    f"--pbt: parameter {p.name} reaches {value!r}, which --{p.name} refuses: {e}"
+                ) from None
     if rule != "none":
         raise ConfigError(f"--pbt replaces weak members instead of stopping them: --stopping {rule} makes no sense")
+
+
+def member_seed(base: flags.Config, number: int) -> int:
+    """Member `number` (0-based)'s seed: members differ in their initialisation and random stream too."""
+    return base.seed + number
 
 
 def settings(config: flags.Config) -> dict[str, float]:
@@ -81,35 +97,38 @@ def quantile_size(members: int, quantile: float) -> int:
     return min(max(1, math.ceil(members * quantile)), members // 2)
 
 
-def _fresh(p: Parameter, rng: np.random.Generator) -> Any:
+def _values(p: Parameter) -> list[float]:
+    """A DISCRETE or CATEGORICAL parameter's values as its setting takes them (YAML may give strings)."""
+    parse = flags.SETTINGS[flags.field_name(p.name)].parse
+    return [parse(flags.flag_text(value)) for value in p.values]  # type: ignore[misc]
+
+
+def _fresh(p: Parameter, rng: np.random.Generator) -> float:
     """A value of `p` drawn afresh in its scale, as Vertex's scale types map u in [0, 1]."""
     if p.type in ("CATEGORICAL", "DISCRETE"):
-        return p.values[rng.integers(len(p.values))]
+        values = _values(p)
+        return values[int(rng.integers(len(values)))]
     low, high, u = float(p.min_value), float(p.max_value), rng.random()  # type: ignore[arg-type]
     if p.scale == "UNIT_LOG_SCALE":
-        value = low * (high / low) ** u
-    elif p.scale == "UNIT_REVERSE_LOG_SCALE":
-        value = low + high - low * (high / low) ** (1 - u)
-    else:
-        value = low + u * (high - low)
-    return int(round(value)) if p.type == "INTEGER" else value
+        return low * (high / low) ** u
+    if p.scale == "UNIT_REVERSE_LOG_SCALE":
+        return low + high - low * (high / low) ** (1 - u)
+    return low + u * (high - low)
 
 
-def _nudged(p: Parameter, value: Any, rng: np.random.Generator) -> Any:
+def _nudged(p: Parameter, value: float, rng: np.random.Generator) -> float:
     """`value` moved by one step: x0.8 or x1.2 in a continuous parameter's scale, a neighbour otherwise."""
     if p.type in ("CATEGORICAL", "DISCRETE"):
-        values = list(p.values)
-        index = values.index(value) + (1 if rng.random() < 0.5 else -1)
+        values = _values(p)
+        index = min(range(len(values)), key=lambda i: abs(values[i] - value)) + (1 if rng.random() < 0.5 else -1)
         return values[min(max(index, 0), len(values) - 1)]
-    low, high = p.min_value, p.max_value
-    if p.type == "INTEGER":
-        return int(min(max(value + (1 if rng.random() < 0.5 else -1), low), high))  # type: ignore[type-var]
+    low, high = float(p.min_value), float(p.max_value)  # type: ignore[arg-type]
     factor = FACTORS[int(rng.integers(2))]
     if p.scale == "UNIT_REVERSE_LOG_SCALE":  # denser near the top: the mirror a + b - x takes the factor
-        moved = low + high - (low + high - value) * factor  # type: ignore[operator]
+        moved = low + high - (low + high - value) * factor
     else:
         moved = value * factor
-    return float(min(max(moved, low), high))  # type: ignore[type-var]
+    return min(max(moved, low), high)
 
 
 def explore(spec: Study, donor: Mapping[str, float], rng: np.random.Generator) -> dict[str, float]:

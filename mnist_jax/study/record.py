@@ -1,4 +1,5 @@
-"""The study's record: trial statuses, `study.json`'s content, the progress line, the leaderboard and `study.png`.
+"""The study's record: trial statuses, `study.json`'s content, the progress line, the leaderboard, `study.png` and
+a population's `pbt.png`.
 
 Everything here is a pure function of the trials (Optuna `FrozenTrial`s, as a
 snapshot of the storage gives them) and the study's spec: no storage, no files.

@@ -54,7 +54,7 @@ class ScheduleTrial(OneTrial):
         return dataclasses.replace(config, **{name: span[name] for name in PERTURBABLE}), span
 
     def resumed(self, config: Config, epoch: int) -> tuple[Config, str | None]:
-        return (config if epoch >= config.epochs else self._in_force(config, epoch + 1)[0]), None
+        return self._in_force(config, min(epoch + 1, config.epochs))[0], None
 
     def perturb(self, ended: Sequence[tuple[Config, dict[str, Any]]]) -> list[Perturbation]:
         ((config, record),) = ended

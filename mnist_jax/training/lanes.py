@@ -77,14 +77,13 @@ class Lanes:
                 if own is not None:
                     own.close()
                 raise
-            config, parent = self.source.resumed(config, int(state.epoch))
-        if self.setup.is_main:
+        if self.setup.is_main:  # the trial's settings as it began
             write_config(config, self.setup.train_file, self.setup.lanes)
-        learning_rate = jnp.float32(config.learning_rate)
-        if resumed:  # the flags' rate wins over the checkpoint's (the same command: the same rate)
-            state = steps.set_learning_rate(state, learning_rate)
+        if resumed:  # the settings in force then win over the checkpoint's rate (the same command, the same rate)
+            config, parent = self.source.resumed(config, int(state.epoch))
+            state = steps.set_learning_rate(state, jnp.float32(config.learning_rate))
         else:
-            state = self.program.fresh(jax.random.PRNGKey(config.seed), learning_rate)
+            state = self.program.fresh(jax.random.PRNGKey(config.seed), jnp.float32(config.learning_rate))
         self.states = self.program.put(self.states, k, state)
         self.hps = self.program.put(self.hps, k, steps.hyperparams(config))
         lane = self.slots[k] = Lane(config, int(state.epoch), own, parent=parent)

@@ -8,7 +8,9 @@ shared data (`steps.compile_program`); lanes may be at different epochs.
 At each epoch end the loop decides every lane from the epoch's one host sync:
 records; a checkpoint when due; finish a lane that has trained its epochs
 (evaluate on the test set, export, free the lane); or stop it when the trial's
-source asks (checkpoint, free the lane). It then dispatches the next epoch and
+source asks (checkpoint, free the lane); and apply the source's perturbations
+(a lane takes another's state and new settings, in one program on the device,
+as population-based training asks). It then dispatches the next epoch and
 leaves the writing to its background writer (`outputs`). A free lane takes
 the source's next trial, with no recompilation (`lanes`).
 
@@ -88,13 +90,12 @@ class Loop:
             return
         trials = [(lane.config, record) for _, lane, record in ended]
         stops = self.source.decide(trials)
-        if not preempted:
-            self.lanes.perturb(self.source.perturb(trials))
+        self.lanes.perturb(self.source.perturb(trials))  # before any save: a resumed lane continues after it
         self.lanes.outputs.epoch([(lane, record) for _, lane, record in ended])
         solo = self.setup.lanes == 1
         finals = sum(lane.epoch >= lane.config.epochs for _, lane, _ in ended)
-        if self.source.lockstep and not solo and finals == len(self.lanes.held()):
-            self.lanes.save_group()
+        if self.source.lockstep and not solo and (preempted or finals == len(self.lanes.held())):
+            self.lanes.save_group()  # before the lanes' own saves: a kill among them resumes all from one epoch
         for (k, lane, _), stop in zip(ended, stops):
             final = lane.epoch >= lane.config.epochs
             if final or stop or preempted or (solo and self.cadence.due(lane.epoch)):

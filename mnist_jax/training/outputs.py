@@ -84,10 +84,10 @@ class LaneOutputs:
     def opened(self, lane: Lane) -> None:
         """The lane's reports, continuing the records its checkpoint covers."""
         if self.is_main:
-            epoch = lane.epoch
+            config, epoch = lane.config, lane.epoch  # as they are now: a perturbation may change the lane's
 
             def open_reports() -> None:
-                lane.reporter = metrics.Reporter(lane.config, self.live, self.writer.draw)
+                lane.reporter = metrics.Reporter(config, self.live, self.writer.draw)
                 lane.reporter.resume(epoch)
 
             self.writer.submit(open_reports)
@@ -108,13 +108,13 @@ class LaneOutputs:
 
     def save(self, lane: Lane, state: Any) -> None:
         """The trial's own checkpoint of `state` (a copy taken before the next epoch), at its epoch now."""
-        epoch = lane.epoch
+        config, epoch = lane.config, lane.epoch
 
         def save() -> None:
             if lane.checkpointer is None:
-                directory = checkpoint.manager_path(lane.config.checkpoint_dir)
-                lane.checkpointer = checkpoint.Checkpointer(directory, keep=lane.config.keep_checkpoints)
-            lane.checkpointer.save(state, checkpoint.record(lane.config, epoch))
+                directory = checkpoint.manager_path(config.checkpoint_dir)
+                lane.checkpointer = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints)
+            lane.checkpointer.save(state, checkpoint.record(config, epoch))
 
         self.writer.submit(save)
 

@@ -38,9 +38,9 @@ class Perturbation(NamedTuple):
 
 
 class TrialSource(abc.ABC):
-    """Where a loop's trials come from, and who hears how they go. `lockstep`: its trials train and end together
-    (a population), so lanes that finish together are saved as one group first, and a kill during their exports
-    resumes them all from one epoch.
+    """Where a loop's trials come from, and who hears how they go. `lockstep`: its trials train together (a
+    population), so lanes that finish or are preempted together are saved as one group first, and a kill among
+    their own saves and exports resumes them all from one epoch.
 
     `next_trial`, `resumed`, `decide` and `perturb` run on the loop's own
     thread, between an epoch's host sync and the next epoch's dispatch, so they

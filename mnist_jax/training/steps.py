@@ -2,10 +2,11 @@
 
 An epoch is one jitted program that shuffles on device and scans the steps,
 with each batch split along the mesh's `data` axis. Randomness comes from a
-lane's seed alone: the epoch's shuffle key is `fold_in(shuffle_key, epoch)`
-and each step's dropout key is `fold_in(dropout_key, step)`, drawn for the
-global batch, so the trained model does not depend on the number of devices
-and a resumed run repeats an uninterrupted one bit for bit.
+lane's random stream (its state's `rng`, made from its seed, `stream`): the
+epoch's shuffle key is `fold_in(shuffle_key, epoch)` and each step's dropout
+key is `fold_in(dropout_key, step)`, drawn for the global batch, so the
+trained model does not depend on the number of devices and a resumed run
+repeats an uninterrupted one bit for bit.
 
 `compile_program` builds the programs for K lanes: states, dropout rates and
 totals carry a leading lane axis, the data is shared, and K > 1 vmaps the
@@ -293,7 +294,14 @@ _kept_program = functools.cache(functools.partial(_build_program, progress=None)
 def enable_compile_cache() -> None:
     """Keeps compiled programs on disk (JAX's persistent cache), so a rerun, a resumed job or
     the next tuning trial skips compilation; $JAX_COMPILATION_CACHE_DIR overrides the place and
-    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS what is worth keeping."""
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS what is worth keeping.
+
+    Not for a job of several processes on CPUs: there a program loaded from the cache hangs in its first
+    collective (seen with jax 0.12.1: two processes on 127.0.0.1 waited in the first epoch until killed, and the
+    same job with the cache off trained in 10 s), so those jobs compile their programs."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILE_CACHE_DIR))
     if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
