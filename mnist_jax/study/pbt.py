@@ -39,6 +39,11 @@ HISTORY_FILE = "pbt.jsonl"
 SCHEDULE_FILE = "schedule.json"
 
 
+def member(config: flags.Config) -> int:
+    """A member's trial id, as study.json, pbt.jsonl and schedule.json number it (every member has one)."""
+    return int(config.trial_id)  # type: ignore[arg-type]
+
+
 class PopulationSource(LaneSource):
     """The study's trials as a population: members trained in lockstep, the weak replaced by the strong."""
 
@@ -58,24 +63,24 @@ class PopulationSource(LaneSource):
         config = super().next_trial()
         if config is None:
             return None
-        config = dataclasses.replace(config, seed=population.member_seed(self.driver.base, int(config.trial_id) - 1))  # type: ignore[arg-type]
-        member = int(config.trial_id)  # type: ignore[arg-type]
-        self.initial[member], self.seeds[member] = population.settings(config), config.seed
+        number = member(config)
+        config = dataclasses.replace(config, seed=population.member_seed(self.driver.base, number - 1))
+        self.initial[number], self.seeds[number] = population.settings(config), config.seed
         return config
 
     def resumed(self, config: flags.Config, epoch: int) -> tuple[flags.Config, str | None]:
-        member = int(config.trial_id)  # type: ignore[arg-type]
-        in_force = population.settings_at(member, epoch, self.initial[member], self.history)
-        parent = next((e.donor for e in self.history if e.member == member and e.epoch == epoch), None)
+        number = member(config)
+        in_force = population.settings_at(number, epoch, self.initial[number], self.history)
+        parent = next((e.donor for e in self.history if e.member == number and e.epoch == epoch), None)
         return dataclasses.replace(config, **in_force), None if parent is None else str(parent)
 
     def perturb(self, ended: Sequence[tuple[flags.Config, dict[str, Any]]]) -> list[Perturbation]:
         epoch = ended[0][1]["epoch"]
         if epoch % self.perturb_every or epoch >= ended[0][0].epochs:
             return []
-        members = {int(config.trial_id): config for config, _ in ended}  # type: ignore[arg-type]
-        metrics = {int(config.trial_id): record[METRIC] for config, record in ended}  # type: ignore[arg-type]
-        current = {member: population.settings(config) for member, config in members.items()}
+        members = {member(config): config for config, _ in ended}
+        metrics = {member(config): record[METRIC] for config, record in ended}
+        current = {number: population.settings(config) for number, config in members.items()}
         spec, seed = self.driver.spec, self.driver.store.seed
         exploits = population.exploits(spec, epoch, metrics, current, seed, self.quantile)
         # What a killed run drew from this epoch on is drawn again, the same way.
@@ -98,12 +103,12 @@ class PopulationSource(LaneSource):
     def trial_done(self, config: flags.Config, outcome: Outcome) -> None:
         if outcome.status == Status.SUCCEEDED:
             self.recall_members()
-            member = int(config.trial_id)  # type: ignore[arg-type]
+            number = member(config)
             recipe = {
-                "member": member,
+                "member": number,
                 "epochs": outcome.epochs,
                 **{key: getattr(config, key) for key in flags.SHARED if key != "train_file"},
-                "spans": population.schedule(member, outcome.epochs, self.initial, self.seeds, self.history),
+                "spans": population.schedule(number, outcome.epochs, self.initial, self.seeds, self.history),
             }
             text = json.dumps(recipe, indent=2) + "\n"
             storage.write_bytes_atomic(storage.join(config.job_dir, SCHEDULE_FILE), text.encode())
