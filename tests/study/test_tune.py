@@ -347,7 +347,8 @@ def test_sigkilled_driver_rerun_ends_with_max_trials_and_keeps_finished_ones(tin
 def test_two_workers_share_one_study(tiny_pickle, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     command = ["run", "--config", str(CONFIGS / "hptuning_config.yaml"), "--job-dir", str(tmp_path / "study")]
-    command += ["--storage", storage, "--max-trials", "4", "--vectorize", "2", "--", *tiny_args(tiny_pickle, 1)]
+    # Three epochs a trial: a worker that starts a little later under load still finds slots to take.
+    command += ["--storage", storage, "--max-trials", "4", "--vectorize", "2", "--", *tiny_args(tiny_pickle, 3)]
     workers = [run_process("tune", command, wait=False) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
