@@ -96,7 +96,9 @@ def main() -> None:
         )
         epochs = epoch_times(root / "wide", wide)
         trial_epochs = sum(len(t["measurements"]) for t in wide["trials"])
-    start_up = first_epoch - epochs[1]  # type: ignore[operator]
+    if first_epoch is None:
+        raise SystemExit("the study printed no line for its first trial's first epoch: no start-up to subtract")
+    start_up = first_epoch - epochs[1]
     host_ms = 1000 * (wall - start_up - sum(epochs.values())) / trial_epochs
     kind = f"a population perturbed every {args.perturb_every} epochs" if args.pbt else "random search"
     print(f"{args.trials} trials x {args.epochs} epochs in {args.lanes} lanes, {kind}, hidden units "

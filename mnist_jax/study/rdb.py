@@ -9,7 +9,7 @@ snapshot instead of the storage; so this module reaches inside:
   (RUNNING -> WAITING if the trial's owner is still the one seen) and
   `write_batch` (measurements and attributes at once). They use
   `optuna.storages._rdb` (its models, `_create_scoped_session`, the storage's
-  `scoped_session` and its `_set_trial_*_without_commit` helpers), and the
+  `scoped_session` and its `_set_trial_attr_without_commit` helper), and the
   retries cover the private methods Optuna's cache in front of RDB storage
   calls instead of the public ones;
 - `View` stands in for a study when a pruner decides: pruners read
@@ -31,7 +31,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
-from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel, TrialUserAttributeModel
+from optuna.storages._rdb.models import (
+    TrialIntermediateValueModel,
+    TrialModel,
+    TrialSystemAttributeModel,
+    TrialUserAttributeModel,
+)
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
@@ -48,7 +53,7 @@ PRIVATE_API = (
     ("optuna.storages._rdb.models", "TrialSystemAttributeModel.find_by_trial_and_key"),
     ("optuna.storages._rdb.models", "TrialUserAttributeModel"),
     ("optuna.storages", "RDBStorage._set_trial_attr_without_commit"),
-    ("optuna.storages", "RDBStorage._set_trial_intermediate_value_without_commit"),
+    ("optuna.storages._rdb.models", "TrialIntermediateValueModel.intermediate_value_to_stored_repr"),
     ("optuna.storages", "RDBStorage._create_new_trial"),
     ("optuna.storages", "RDBStorage._set_trial_param"),
     ("optuna.storages", "RDBStorage._get_best_trial_id"),
@@ -207,13 +212,35 @@ class ResilientStorage(optuna.storages.RDBStorage):
 
         def transaction() -> None:
             with _create_scoped_session(self.scoped_session, True) as session:
-                for trial_id, epoch, value in values:
-                    self._set_trial_intermediate_value_without_commit(session, trial_id, epoch, value)
+                self._set_intermediate_values(session, values)
                 for model, attrs in ((TrialSystemAttributeModel, system_attrs), (TrialUserAttributeModel, user_attrs)):
                     for trial_id, key, value in attrs:
                         self._set_trial_attr_without_commit(session, model, trial_id, key, value)
 
         self.retry(transaction)
+
+    def _set_intermediate_values(self, session: Any, values: Sequence[tuple[int, int, float]]) -> None:
+        """What Optuna's `_set_trial_intermediate_value_without_commit` does for each (trial id, step, value), with two
+        queries for the whole batch instead of two for each value (64 lanes' epoch: 80 against 15 ms)."""
+        if not values:
+            return
+        ids = {trial_id for trial_id, _, _ in values}
+        states = dict(session.query(TrialModel.trial_id, TrialModel.state).filter(TrialModel.trial_id.in_(ids)))
+        for trial_id in ids:
+            if trial_id not in states:
+                raise KeyError(f"no trial with id {trial_id}")
+            self.check_trial_is_updatable(trial_id, states[trial_id])
+        model = TrialIntermediateValueModel
+        steps = {step for _, step, _ in values}
+        found = session.query(model).filter(model.trial_id.in_(ids), model.step.in_(steps))
+        rows = {(row.trial_id, row.step): row for row in found}
+        for trial_id, step, value in values:
+            stored, kind = model.intermediate_value_to_stored_repr(value)
+            row = rows.get((trial_id, step))
+            if row is None:
+                row = rows[trial_id, step] = model(trial_id=trial_id, step=step)
+                session.add(row)
+            row.intermediate_value, row.intermediate_value_type = stored, kind
 
 
 def _retrying(name: str) -> Any:

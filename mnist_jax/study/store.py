@@ -207,22 +207,24 @@ class StudyStore:
 
     def take_over(self) -> bool:
         """Hands back (to WAITING, to resume) the running trials in the snapshot whose worker is gone."""
+        others = self.others_running()
+        if not others:  # this worker is alive: the heartbeats are read only when another's trials may be left
+            return False
         beats = self.storage.get_study_system_attrs(self.study_id)
         found = False
-        for t in self.trials:
-            if t.state == TrialState.RUNNING:
-                owner = t.system_attrs.get(OWNER)
-                started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-                worker = Worker(**owner) if owner else None
-                if worker is None or worker.gone(beats.get(worker.beat_key, started), self.stale_after_s):
-                    self.storage.hand_back(trial_id(t), OWNER, owner)
-                    t.state, found = TrialState.WAITING, True
+        for t in others:
+            owner = t.system_attrs.get(OWNER)
+            started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+            worker = Worker(**owner) if owner else None
+            if worker is None or worker.gone(beats.get(worker.beat_key, started), self.stale_after_s):
+                self.storage.hand_back(trial_id(t), OWNER, owner)
+                t.state, found = TrialState.WAITING, True
         return found
 
-    def others_running(self) -> bool:
-        """Whether the snapshot shows trials that other workers run (or ran: until they are taken over)."""
+    def others_running(self) -> list[FrozenTrial]:
+        """The trials in the snapshot that other workers run (or ran: until they are taken over)."""
         mine = dataclasses.asdict(self.me)
-        return any(t.state == TrialState.RUNNING and t.system_attrs.get(OWNER) != mine for t in self.trials)
+        return [t for t in self.trials if t.state == TrialState.RUNNING and t.system_attrs.get(OWNER) != mine]
 
     def release(self, trial: int) -> None:
         """Gives an interrupted trial back to the study: the next worker resumes it from its checkpoint."""

@@ -28,7 +28,7 @@ from mnist_jax.training.config import HPARAMS, Config
 from mnist_jax.training.curves import curves_png
 
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
-FLUSH_S = 5  # TensorBoard's events reach the file at most this long after they are written
+FLUSH_S = 5  # TensorBoard's events reach the file at the first epoch this long after the last flush
 REDRAW_S = 5  # the solo job's curves.png is redrawn at most this often
 
 
@@ -114,52 +114,85 @@ class MetricsLog:
 
 
 class TensorBoardLog:
-    """Per-epoch scalars and the run's hyperparameters as TensorBoard events (tensorboardX: no TensorFlow)."""
+    """Per-epoch scalars and the run's hyperparameters as TensorBoard events (tensorboardX: no TensorFlow).
+
+    Events are written on the caller's thread through tensorboardX's event file writer: its `SummaryWriter`
+    would add a thread, a queue and a pipe for each trial, 128 threads for a study of 64 lanes. They reach the
+    file at the first write `FLUSH_S` after the last flush, and at `close`.
+    """
 
     def __init__(self, log_dir: str, hparams: dict[str, Any]) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.record_writer import directory_check
         from tensorboardX.summary import hparams as hparams_summaries
 
-        self._writer = SummaryWriter(log_dir, flush_secs=FLUSH_S)
+        directory_check(log_dir)
+        self._events = EventsWriter(storage.join(log_dir, "events"))
         for summary in hparams_summaries(hparams, {"accuracy/validation": 0.0}):
-            self._writer.file_writer.add_summary(summary)
+            self._add(summary)
+        self._flushed = time.monotonic()
+
+    def _add(self, summary: Any, step: int | None = None) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        event = Event(summary=summary, wall_time=time.time())
+        if step is not None:
+            event.step = step
+        self._events.write_event(event)
 
     def write(self, record: dict[str, Any]) -> None:
-        epoch = record["epoch"]
-        for name in ("loss", "accuracy"):
-            self._writer.add_scalar(f"{name}/train", record[name], epoch)
-            self._writer.add_scalar(f"{name}/validation", record[f"val_{name}"], epoch)
-        self._writer.add_scalar("learning_rate", record["learning_rate"], epoch)  # in force that epoch
-        self._writer.add_scalar("epoch_time_s", record["epoch_time_s"], epoch)
+        from tensorboardX.summary import Summary
+
+        scalars = {f"{name}/train": record[name] for name in ("loss", "accuracy")}
+        scalars |= {f"{name}/validation": record[f"val_{name}"] for name in ("loss", "accuracy")}
+        scalars |= {"learning_rate": record["learning_rate"], "epoch_time_s": record["epoch_time_s"]}  # in force
+        values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
+        self._add(Summary(value=values), record["epoch"])
+        if time.monotonic() - self._flushed >= FLUSH_S:
+            self._events.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
-        self._writer.close()
+        self._events.close()
+
+
+class Tuning:
+    """The tuning metric (validation accuracy) in cloudml-hypertune's file, where a tuning service reads it."""
+
+    def __init__(self, config: Config) -> None:
+        import hypertune
+
+        # cloudml-hypertune takes its file and trial from the environment; the config already read
+        # them (per trial when several train in one process), so they are set here.
+        self._hypertune = hypertune.HyperTune()
+        self._hypertune.metric_path = config.hpt_metric_file
+        self._hypertune.trial_id = config.trial_id or "0"
+        os.makedirs(os.path.dirname(os.path.abspath(config.hpt_metric_file)), exist_ok=True)
+        self._tag = config.hpt_metric_tag
+
+    def report(self, record: dict[str, Any]) -> None:
+        self._hypertune.report_hyperparameter_tuning_metric(
+            hyperparameter_metric_tag=self._tag, metric_value=record["val_accuracy"], global_step=record["epoch"]
+        )
 
 
 class Reporter:
     """Every sink of one job's epoch records: metrics.jsonl, TensorBoard, curves.png and the
     hyperparameter-tuning metric (validation accuracy, in the cloudml-hypertune format).
 
-    `live`: metrics.jsonl is rewritten after every epoch, and curves.png at most every REDRAW_S; else
-    (a lane of a study) both are written at the end, and metrics.jsonl whenever `persist` is called (before
+    `live`: metrics.jsonl is rewritten after every epoch, curves.png at most every REDRAW_S, and the tuning
+    metric goes to its file; else (a lane of a study, whose metric goes to the study's storage alone)
+    metrics.jsonl and curves.png are written at the end, and metrics.jsonl whenever `persist` is called (before
     each save of the lane's group, which a resumed lane's records must reach).
     """
 
     def __init__(self, config: Config, live: bool, draw: Callable[[Callable[[], None]], None]) -> None:
-        import hypertune
-
         self.log = MetricsLog(config.job_dir)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         hparams = {key: getattr(config, key) for key in HPARAMS}  # the settings declared hparam
         self.tensorboard = TensorBoardLog(storage.join(config.tensorboard_dir, stamp), hparams)
         self.curves_path = storage.join(config.job_dir, "curves.png")
-        # cloudml-hypertune takes its file and trial from the environment; the config already read
-        # them (per trial when several train in one process), so they are set here.
-        self.tuning = hypertune.HyperTune()
-        self.tuning.metric_path = config.hpt_metric_file
-        self.tuning.trial_id = config.trial_id or "0"
-        os.makedirs(os.path.dirname(os.path.abspath(config.hpt_metric_file)), exist_ok=True)
-        self.tuning_tag = config.hpt_metric_tag
+        self.tuning = Tuning(config) if live else None  # a lane's metric goes to its study's storage alone
         self.live, self.drawn, self._draw = live, time.monotonic(), draw
 
     def resume(self, completed_epochs: int) -> None:
@@ -170,9 +203,8 @@ class Reporter:
         if self.live:
             self.log.write()
         self.tensorboard.write(record)
-        self.tuning.report_hyperparameter_tuning_metric(
-            hyperparameter_metric_tag=self.tuning_tag, metric_value=record["val_accuracy"], global_step=record["epoch"]
-        )
+        if self.tuning is not None:
+            self.tuning.report(record)
         if self.live and time.monotonic() - self.drawn >= REDRAW_S:
             self.draw()
 

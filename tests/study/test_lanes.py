@@ -117,7 +117,9 @@ def test_lanes_refill_without_compiling_and_each_trial_equals_its_solo_run(tiny_
         assert json.loads((job_dir / "config.json").read_text())["trial_id"] == config.trial_id
         for a, b in zip(read_metrics(job_dir), read_metrics(solo.job_dir), strict=True):
             assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
-        hpt = [json.loads(line) for line in (job_dir / "hpt").read_text().splitlines()]
+        # A lane's metric goes to its source (a study's storage) alone; the solo job's to its tuning file.
+        assert not (job_dir / "hpt").exists()
+        hpt = [json.loads(line) for line in (tmp_path / f"solo-{config.trial_id}" / "hpt").read_text().splitlines()]
         assert [h["trial"] for h in hpt] == [config.trial_id] * config.epochs
         assert source.lines[config.trial_id][-1] == f"Saved {job_dir}/model.h5"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 
 import optuna
@@ -18,7 +19,7 @@ CALLED_WITH = {
     "TrialModel.find_or_raise_by_id": ["trial_id", "session", "for_update"],
     "TrialSystemAttributeModel.find_by_trial_and_key": ["trial", "key", "session"],
     "RDBStorage._set_trial_attr_without_commit": ["self", "session", "model_cls", "trial_id", "key", "value"],
-    "RDBStorage._set_trial_intermediate_value_without_commit": ["self", "session", "trial_id", "step"],
+    "TrialIntermediateValueModel.intermediate_value_to_stored_repr": ["value"],
     "RDBStorage._create_new_trial": ["self", "study_id"],
     "RDBStorage._set_trial_param": ["self", "trial_id", "param_name"],
     "RDBStorage._get_best_trial_id": ["self", "study_id"],
@@ -64,3 +65,22 @@ def test_a_trials_storage_id_and_the_pruners_write_path(tmp_path):
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     assert view.prune(pruner, rdb.trial_id(trial)) is False
     assert [(tid, key) for tid, key, _ in view.writes] == [(rdb.trial_id(trial), "completed_rung_0")]
+
+
+def test_a_batch_of_measurements_is_stored_as_optuna_stores_each(tmp_path):
+    """`write_batch` writes many trials' measurements with two queries: new steps are added, a step written
+    again is replaced, NaN and infinities come back as Optuna stores them, and a finished trial is refused."""
+    storage = rdb.ResilientStorage(f"sqlite:///{tmp_path / 'db'}")
+    study = optuna.create_study(storage=storage, direction="maximize")
+    first, second = study.ask(), study.ask()
+    ids = rdb.trial_id(first), rdb.trial_id(second)
+    storage.write_batch([(ids[0], 1, 0.5), (ids[1], 1, float("nan")), (ids[0], 2, float("inf"))])
+    storage.write_batch([(ids[0], 2, 0.75), (ids[1], 2, float("-inf"))], user_attrs=[(ids[1], "note", "x")])
+    one, two = storage.get_trial(ids[0]), storage.get_trial(ids[1])
+    assert one.intermediate_values == {1: 0.5, 2: 0.75}
+    assert math.isnan(two.intermediate_values[1]) and two.intermediate_values[2] == float("-inf")
+    assert two.user_attrs == {"note": "x"}
+    study.tell(first, 0.75)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.write_batch([(ids[0], 3, 0.8), (ids[1], 3, 0.1)])
+    assert storage.get_trial(ids[1]).intermediate_values.keys() == {1, 2}  # nothing of the refused batch
