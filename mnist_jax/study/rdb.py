@@ -54,6 +54,9 @@ PRIVATE_API = (
     ("optuna.storages._rdb.models", "TrialUserAttributeModel"),
     ("optuna.storages", "RDBStorage._set_trial_attr_without_commit"),
     ("optuna.storages._rdb.models", "TrialIntermediateValueModel.intermediate_value_to_stored_repr"),
+    # Columns the batched measurements write directly.
+    ("optuna.storages._rdb.models", "TrialIntermediateValueModel.step"),
+    ("optuna.storages._rdb.models", "TrialIntermediateValueModel.intermediate_value_type"),
     ("optuna.storages", "RDBStorage._create_new_trial"),
     ("optuna.storages", "RDBStorage._set_trial_param"),
     ("optuna.storages", "RDBStorage._get_best_trial_id"),
@@ -212,14 +215,14 @@ class ResilientStorage(optuna.storages.RDBStorage):
 
         def transaction() -> None:
             with _create_scoped_session(self.scoped_session, True) as session:
-                self._set_intermediate_values(session, values)
+                self._write_measurements(session, values)
                 for model, attrs in ((TrialSystemAttributeModel, system_attrs), (TrialUserAttributeModel, user_attrs)):
                     for trial_id, key, value in attrs:
                         self._set_trial_attr_without_commit(session, model, trial_id, key, value)
 
         self.retry(transaction)
 
-    def _set_intermediate_values(self, session: Any, values: Sequence[tuple[int, int, float]]) -> None:
+    def _write_measurements(self, session: Any, values: Sequence[tuple[int, int, float]]) -> None:
         """What Optuna's `_set_trial_intermediate_value_without_commit` does for each (trial id, step, value), with two
         queries for the whole batch instead of two for each value (64 lanes' epoch: 80 against 15 ms)."""
         if not values:

@@ -2,8 +2,8 @@
 
 A lane holds one trial: its state (params, RMSprop state with its learning
 rate, step, epoch, key), its dropout rates, its epoch count and its outputs
-(job dir, `config.json`, checkpoints, `metrics.jsonl`, TensorBoard, tuning
-metric, `model.h5`). One jitted program trains every lane for an epoch on the
+(job dir, `config.json`, checkpoints, `metrics.jsonl`, TensorBoard, `model.h5`;
+a solo job's tuning metric too). One jitted program trains every lane for an epoch on the
 shared data (`steps.compile_program`); lanes may be at different epochs.
 At each epoch end the loop decides every lane from the epoch's one host sync:
 records; a checkpoint when due; finish a lane that has trained its epochs

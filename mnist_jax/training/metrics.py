@@ -1,5 +1,5 @@
 """Where metrics go: the console (Keras-style lines and progress bar), `metrics.jsonl`,
-TensorBoard events, `curves.png` and the tuning metric, all fed at once by `Reporter.write`.
+TensorBoard events, `curves.png` and the solo job's tuning metric, all fed at once by `Reporter.write`.
 
 Only process 0 reports (the trainer builds a `Reporter` there alone), on the
 loop's background writer. `metrics.jsonl` holds one JSON object per epoch; it
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ from mnist_jax.training.config import HPARAMS, Config
 from mnist_jax.training.curves import curves_png
 
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
-FLUSH_S = 5  # TensorBoard's events reach the file at the first epoch this long after the last flush
+FLUSH_S = 5  # TensorBoard's events reach the file at the first epoch, then at the first epoch this long after
 REDRAW_S = 5  # the solo job's curves.png is redrawn at most this often
 
 
@@ -117,37 +118,37 @@ class TensorBoardLog:
     """Per-epoch scalars and the run's hyperparameters as TensorBoard events (tensorboardX: no TensorFlow).
 
     Events are written on the caller's thread through tensorboardX's event file writer: its `SummaryWriter`
-    would add a thread, a queue and a pipe for each trial, 128 threads for a study of 64 lanes. They reach the
-    file at the first write `FLUSH_S` after the last flush, and at `close`.
+    would add two threads (a writer and a queue's feeder) for each trial, 128 for a study of 64 lanes. They
+    reach the file at the first epoch, at the first epoch `FLUSH_S` after the last flush, and at `close`.
     """
 
     def __init__(self, log_dir: str, hparams: dict[str, Any]) -> None:
         from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
         from tensorboardX.record_writer import directory_check
         from tensorboardX.summary import hparams as hparams_summaries
 
+        self._event, self._summary = Event, Summary
         directory_check(log_dir)
         self._events = EventsWriter(storage.join(log_dir, "events"))
         for summary in hparams_summaries(hparams, {"accuracy/validation": 0.0}):
             self._add(summary)
-        self._flushed = time.monotonic()
+        self._flushed = -math.inf
 
     def _add(self, summary: Any, step: int | None = None) -> None:
-        from tensorboardX.proto.event_pb2 import Event
-
-        event = Event(summary=summary, wall_time=time.time())
+        event = self._event(summary=summary, wall_time=time.time())
         if step is not None:
             event.step = step
         self._events.write_event(event)
 
     def write(self, record: dict[str, Any]) -> None:
-        from tensorboardX.summary import Summary
-
         scalars = {f"{name}/train": record[name] for name in ("loss", "accuracy")}
         scalars |= {f"{name}/validation": record[f"val_{name}"] for name in ("loss", "accuracy")}
-        scalars |= {"learning_rate": record["learning_rate"], "epoch_time_s": record["epoch_time_s"]}  # in force
-        values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
-        self._add(Summary(value=values), record["epoch"])
+        scalars["learning_rate"] = record["learning_rate"]  # the one in force during the epoch
+        scalars["epoch_time_s"] = record["epoch_time_s"]
+        values = [self._summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
+        self._add(self._summary(value=values), record["epoch"])
         if time.monotonic() - self._flushed >= FLUSH_S:
             self._events.flush()
             self._flushed = time.monotonic()

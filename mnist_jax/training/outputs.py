@@ -1,5 +1,5 @@
 """What a lane writes, queued in order on the run's writer thread: its reports (console lines, `metrics.jsonl`,
-TensorBoard, the tuning metric, `curves.png`), its checkpoints, a finished trial's test results and
+TensorBoard, a solo job's tuning metric, `curves.png`), its checkpoints, a finished trial's test results and
 `model.h5`, and the group save of every lane; then its trial source hears of it.
 
 The loop's thread decides and dispatches; every method here only queues a write (`Writer.submit`), so nothing

@@ -69,7 +69,8 @@ def test_a_trials_storage_id_and_the_pruners_write_path(tmp_path):
 
 def test_a_batch_of_measurements_is_stored_as_optuna_stores_each(tmp_path):
     """`write_batch` writes many trials' measurements with two queries: new steps are added, a step written
-    again is replaced, NaN and infinities come back as Optuna stores them, and a finished trial is refused."""
+    again is replaced, NaN and infinities come back as Optuna stores them, and a finished or unknown trial
+    refuses the whole batch."""
     storage = rdb.ResilientStorage(f"sqlite:///{tmp_path / 'db'}")
     study = optuna.create_study(storage=storage, direction="maximize")
     first, second = study.ask(), study.ask()
@@ -84,3 +85,6 @@ def test_a_batch_of_measurements_is_stored_as_optuna_stores_each(tmp_path):
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         storage.write_batch([(ids[0], 3, 0.8), (ids[1], 3, 0.1)])
     assert storage.get_trial(ids[1]).intermediate_values.keys() == {1, 2}  # nothing of the refused batch
+    with pytest.raises(KeyError):
+        storage.write_batch([(ids[1], 3, 0.1), (max(ids) + 1, 3, 0.1)])
+    assert storage.get_trial(ids[1]).intermediate_values.keys() == {1, 2}
