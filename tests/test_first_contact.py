@@ -173,7 +173,9 @@ def _whole_ticks(axes) -> list[float]:
     return [t for t in axes.get_xticks() if low <= t <= high]
 
 
-def test_pictures_have_whole_epochs_on_their_axes_and_name_each_trial():
+def test_pictures_have_whole_epochs_on_their_axes_name_each_trial_and_draw_each_exploit():
+    from matplotlib.quiver import Quiver
+
     from mnist_jax.study import record as study_record
     from mnist_jax.training import curves
 
@@ -193,3 +195,11 @@ def test_pictures_have_whole_epochs_on_their_axes_and_name_each_trial():
     curves_axes, _ = study_record.study_figure(many).axes
     assert curves_axes.get_legend() is None  # too many for a legend: each curve's id at its end
     assert sorted(int(t.get_text()) for t in curves_axes.texts) == list(range(1, 21))
+    # pbt.png: an arrow for each exploit whose member trained on after it (the last epoch's has no next value).
+    exploits = [{"epoch": e, "member": m, "donor": 1, "donor_metric": 0.1} for e, m in ((1, 2), (2, 3))]
+    spans = [{"first_epoch": 1, "last_epoch": 2, "learning_rate": 1e-3, "dropout_one": 0.2, "dropout_two": 0.2}]
+    population = {**many, "trials": many["trials"][:3], "best": None}
+    figure = study_record.pbt_figure(population, exploits, spans)
+    (arrows,) = [c for c in figure.axes[0].collections if isinstance(c, Quiver)]
+    assert arrows.N == 1 and list(arrows.X) == [1] and list(arrows.V) == [0.2 - 0.1]
+    assert all(t.is_integer() for t in _whole_ticks(figure.axes[2]))

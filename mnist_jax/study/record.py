@@ -180,6 +180,12 @@ def study_figure(summary: dict[str, Any]) -> Any:
 
 
 def pbt_png(summary: dict[str, Any], exploits: Sequence[dict[str, Any]], spans: Sequence[dict[str, Any]]) -> bytes:
+    buffer = io.BytesIO()
+    pbt_figure(summary, exploits, spans).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def pbt_figure(summary: dict[str, Any], exploits: Sequence[dict[str, Any]], spans: Sequence[dict[str, Any]]) -> Any:
     """A population's picture: every member's metric by epoch, each exploit a jump from its donor's value to the
     member's next one, and below, the best member's settings epoch by epoch (`spans`, its schedule)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -192,11 +198,18 @@ def pbt_png(summary: dict[str, Any], exploits: Sequence[dict[str, Any]], spans: 
     measured = {t["id"]: dict(t["measurements"]) for t in summary["trials"] if t["measurements"]}
     for values in measured.values():
         curves.plot(list(values), list(values.values()), "-", marker=".", alpha=0.6, linewidth=1)
-    for e in exploits:  # the member's next epoch starts from the donor's state
-        after = measured.get(e["member"], {}).get(e["epoch"] + 1)
-        if after is not None:
-            curves.annotate("", (e["epoch"] + 1, after), (e["epoch"], e["donor_metric"]),
-                            arrowprops={"arrowstyle": "->", "color": "0.4", "alpha": 0.6})  # fmt: skip
+    # The member's next epoch starts from the donor's state: one arrow each, all in one artist (an annotation
+    # each took 0.28 s of 0.51 s for a population of 64 with 144 exploits).
+    jumps = [
+        (e["epoch"], e["donor_metric"], after)
+        for e in exploits
+        if (after := measured.get(e["member"], {}).get(e["epoch"] + 1)) is not None
+    ]
+    if jumps:
+        x, start, end = zip(*jumps)
+        rise = [b - a for a, b in zip(start, end)]
+        curves.quiver(x, start, [1] * len(x), rise, angles="xy", scale_units="xy", scale=1, color="0.4", alpha=0.6,
+                      width=0.0015, headwidth=5, headlength=6)  # fmt: skip
     best = summary["best"]
     curves.set(ylabel=summary["metric"], title="each member (arrows: a member takes a donor's state)"
                + (f"; best: trial {best['id']}" if best else ""))  # fmt: skip
@@ -213,6 +226,4 @@ def pbt_png(summary: dict[str, Any], exploits: Sequence[dict[str, Any]], spans: 
         axes.grid(True, alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     figure.subplots_adjust(left=0.1, right=0.98, bottom=0.08, top=0.95, hspace=0.15)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
