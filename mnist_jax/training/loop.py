@@ -3,8 +3,9 @@
 A lane holds one trial: its state (params, RMSprop state with its learning
 rate, step, epoch, key), its dropout rates, its epoch count and its outputs
 (job dir, `config.json`, checkpoints, `metrics.jsonl`, TensorBoard, `model.h5`;
-a solo job's tuning metric too). One jitted program trains every lane for an epoch on the
-shared data (`steps.compile_program`); lanes may be at different epochs.
+a solo job's tuning metric too). One jitted program trains every lane for an
+epoch on the shared data (`steps.compile_program`); lanes may be at different
+epochs.
 At each epoch end the loop decides every lane from the epoch's one host sync:
 records; a checkpoint when due; finish a lane that has trained its epochs
 (evaluate on the test set, export, free the lane); or stop it when the trial's
