@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from mnist_jax.common import storage
+from mnist_jax.common.errors import StorageError
 from mnist_jax.training.config import HPARAMS, Config
 from mnist_jax.training.curves import curves_png
 
@@ -129,7 +130,7 @@ class TensorBoardLog:
         from tensorboardX.record_writer import directory_check
         from tensorboardX.summary import hparams as hparams_summaries
 
-        self._event, self._summary = Event, Summary
+        self._event, self._summary, self._dir = Event, Summary, log_dir
         directory_check(log_dir)
         self._events = EventsWriter(storage.join(log_dir, "events"))
         for summary in hparams_summaries(hparams, {"accuracy/validation": 0.0}):
@@ -140,7 +141,15 @@ class TensorBoardLog:
         event = self._event(summary=summary, wall_time=time.time())
         if step is not None:
             event.step = step
-        self._events.write_event(event)
+        self._guarded(lambda: self._events.write_event(event))
+
+    def _guarded(self, write: Callable[[], object]) -> None:
+        """A write of the event file; a failure, whatever tensorboardX's file or gs:// writer raises, is one line."""
+        try:
+            write()
+        except Exception as e:
+            detail = " ".join(str(e).split())[:300] or type(e).__name__
+            raise StorageError(f"writing TensorBoard events to {self._dir} failed: {detail}") from None
 
     def write(self, record: dict[str, Any]) -> None:
         scalars = {f"{name}/train": record[name] for name in ("loss", "accuracy")}
@@ -150,11 +159,11 @@ class TensorBoardLog:
         values = [self._summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
         self._add(self._summary(value=values), record["epoch"])
         if time.monotonic() - self._flushed >= FLUSH_S:
-            self._events.flush()
+            self._guarded(self._events.flush)
             self._flushed = time.monotonic()
 
     def close(self) -> None:
-        self._events.close()
+        self._guarded(self._events.close)
 
 
 class Tuning:

@@ -43,3 +43,19 @@ def test_curves_png_is_a_valid_image(trained_job):
     with Image.open(trained_job / "curves.png") as image:
         assert image.format == "PNG" and image.size == (1000, 400)
         assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
+
+
+def test_a_full_disk_under_tensorboard_is_one_line(tmp_path):
+    """An event file that cannot be written (here it is /dev/full, under tensorboardX's record writer) fails the
+    write with the project's one-line StorageError, not a library's traceback."""
+    from mnist_jax.common.errors import StorageError
+    from mnist_jax.training.metrics import TensorBoardLog
+
+    log = TensorBoardLog(str(tmp_path / "logs"), {"learning_rate": 0.001})
+    record = {"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5}
+    record = {**record, "learning_rate": 0.001, "epoch_time_s": 1.0}
+    log.write(record)  # the first epoch is flushed
+    log._events._py_recordio_writer._writer = open("/dev/full", "wb")  # noqa: SIM115  # closed by log.close
+    log.write({**record, "epoch": 2})  # buffered: it reaches the file at close
+    with pytest.raises(StorageError, match=r"^writing TensorBoard events to .*logs failed: .*No space left on device"):
+        log.close()
